@@ -1,0 +1,222 @@
+"""``GIGPOAdvantage``: the critic-free torchrl value estimator that writes GIGPO advantages."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+from torch import Tensor
+from torchrl.objectives.value import ValueEstimatorBase
+
+from gigpo_torchrl.functional import check_options, gigpo_advantage
+
+
+def read_rows(tensordict: TensorDictBase, key: NestedKey, kind: str) -> Tensor:
+    """The flat ``[N]`` values of ``key`` in a ``[*B]`` batch of step rows.
+
+    ``kind`` is ``"int"`` (returned as int64), ``"float"`` or ``"bool"``; the entry must be
+    ``[*B]`` or ``[*B, 1]``. Raises ``ValueError`` naming the key otherwise.
+    """
+    value = tensordict.get(key, None)
+    if value is None:
+        raise ValueError(
+            f"GIGPOAdvantage needs the key {key!r}, which the batch does not have "
+            "(rename keys with set_keys)"
+        )
+    if not isinstance(value, Tensor):
+        raise ValueError(f"key {key!r} must hold a tensor, got {type(value).__name__}")
+    batch = tensordict.batch_size
+    if value.shape not in (batch, (*batch, 1)):
+        raise ValueError(
+            f"key {key!r} has shape {tuple(value.shape)}; expected {tuple(batch)} "
+            f"or {(*batch, 1)} for a batch of shape {tuple(batch)}"
+        )
+    dtype = value.dtype
+    ok = {
+        "int": not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool,
+        "float": dtype.is_floating_point,
+        "bool": dtype == torch.bool,
+    }[kind]
+    if not ok:
+        expected = {"int": "an integer", "float": "a floating", "bool": "a bool"}[kind]
+        raise ValueError(f"key {key!r} has dtype {dtype}; expected {expected} dtype")
+    value = value.reshape(-1)
+    return value.long() if kind == "int" else value
+
+
+class GIGPOAdvantage(ValueEstimatorBase):
+    """Group-in-Group advantage over a batch of step rows (one row per trajectory step).
+
+    Reads, for a TensorDict of batch shape ``[*B]`` holding whole trajectories in any row
+    order (each key is ``[*B]`` or ``[*B, 1]``):
+
+    - ``group_id``, ``traj_id``, ``step``, ``state_hash``: integer ids (``state_hash`` is
+      needed by ``estimator="gigpo"`` only);
+    - ``("next", "reward")``: float step reward, finite;
+    - ``("next", "done")``: bool, True exactly at each trajectory's last step.
+
+    Writes:
+
+    - ``advantage``: ``[*B, 1]``, or ``[*B, 1, 1]`` when the batch carries LLM tokens (the
+      ``tokens`` key, default ``("tokens", "full")``) so that torchrl's ``GRPOLoss``
+      broadcasts it over each step's own response tokens; ``token_axis`` forces either;
+    - ``episode_advantage``, ``step_advantage``, ``step_group_size``: ``[*B, 1]``
+      diagnostics (the step ones only when ``state_hash`` is present);
+    - ``value_target``: ``[*B, 1]`` discounted return-to-go ``R_t`` (a Monte-Carlo target).
+
+    Every key can be renamed with :meth:`set_keys`.
+
+    Args:
+        estimator: ``"gigpo"`` (``A = A_E + ω·A_S``), ``"grpo"`` (``A = A_E``) or ``"rloo"``
+            (leave-one-out ``A_E``).
+
+    Keyword Args:
+        gamma: discount of the step return. Default 0.95 (the paper's).
+        step_advantage_weight: ω. Default 1.0.
+        norm: ``"std"`` (divide by the group std) or ``"none"``. Default ``"std"``.
+        eps: floor of the std. Default 1e-6.
+        compat: None (the paper's semantics) or ``"verl-agent"`` (the authors' reference:
+            length-weighted episode statistics, ``std + eps``).
+        token_axis: None (auto, see above), True or False.
+        device: where buffers live (torchrl convention).
+
+    Examples:
+        >>> from torchrl.objectives.llm import GRPOLoss
+        >>> loss = GRPOLoss(actor, masking_strategy="sft")
+        >>> loss.make_value_estimator(GIGPOAdvantage(gamma=0.95))
+        >>> batch = loss.value_estimator(batch)   # writes "advantage"
+        >>> loss(batch)
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Configurable TensorDict keys (rename with ``set_keys``).
+
+        The first eight are torchrl's common value-estimator keys, kept so that losses can
+        forward their own names; ``reward``/``done``/``terminated`` are read under ``"next"``.
+        """
+
+        advantage: NestedKey = "advantage"
+        value_target: NestedKey = "value_target"
+        value: NestedKey = "state_value"
+        reward: NestedKey = "reward"
+        done: NestedKey = "done"
+        terminated: NestedKey = "terminated"
+        steps_to_next_obs: NestedKey = "steps_to_next_obs"
+        sample_log_prob: NestedKey | None = None
+        group_id: NestedKey = "group_id"
+        traj_id: NestedKey = "traj_id"
+        step: NestedKey = "step"
+        state_hash: NestedKey = "state_hash"
+        episode_advantage: NestedKey = "episode_advantage"
+        step_advantage: NestedKey = "step_advantage"
+        step_group_size: NestedKey = "step_group_size"
+        tokens: NestedKey = ("tokens", "full")
+
+    default_keys = _AcceptedKeys
+
+    def __init__(
+        self,
+        estimator: str = "gigpo",
+        *,
+        gamma: float = 0.95,
+        step_advantage_weight: float = 1.0,
+        norm: str = "std",
+        eps: float = 1e-6,
+        compat: str | None = None,
+        token_axis: bool | None = None,
+        device: torch.device | None = None,
+    ):
+        check_options(estimator, gamma, step_advantage_weight, norm, eps, compat)
+        if token_axis not in (None, True, False):
+            raise ValueError(f"token_axis={token_axis!r} must be None, True or False")
+        super().__init__(value_network=None, device=device)
+        self.estimator = estimator
+        self.gamma = gamma
+        self.step_advantage_weight = step_advantage_weight
+        self.norm = norm
+        self.eps = eps
+        self.compat = compat
+        self.token_axis = token_axis
+
+    @property
+    def in_keys(self) -> list[NestedKey]:
+        keys = self.tensor_keys
+        in_keys = [
+            keys.group_id,
+            keys.traj_id,
+            keys.step,
+            ("next", keys.reward),
+            ("next", keys.done),
+        ]
+        if self.estimator == "gigpo":
+            in_keys.append(keys.state_hash)
+        return in_keys
+
+    @property
+    def out_keys(self) -> list[NestedKey]:
+        keys = self.tensor_keys
+        out = [keys.advantage, keys.value_target, keys.episode_advantage]
+        if self.estimator == "gigpo":
+            out += [keys.step_advantage, keys.step_group_size]
+        return out
+
+    @torch.no_grad()
+    def forward(
+        self,
+        tensordict: TensorDictBase,
+        *,
+        params: TensorDictBase | None = None,
+        target_params: TensorDictBase | None = None,
+    ) -> TensorDictBase:
+        """Write the advantages into ``tensordict`` (in place) and return it."""
+        if tensordict.batch_dims == 0:
+            raise ValueError("GIGPOAdvantage expects a batch of step rows, got batch_size=[]")
+        keys = self.tensor_keys
+        reward_key, done_key = ("next", keys.reward), ("next", keys.done)
+        reward = read_rows(tensordict, reward_key, "float")
+        done = read_rows(tensordict, done_key, "bool")
+        traj_id = read_rows(tensordict, keys.traj_id, "int")
+        if not bool(torch.isfinite(reward).all()):
+            row = int(torch.nonzero(~torch.isfinite(reward))[0, 0])
+            raise ValueError(
+                f"key {reward_key!r} holds a non-finite reward ({float(reward[row])}) "
+                f"in trajectory {int(traj_id[row])}"
+            )
+        has_hash = self.estimator == "gigpo" or keys.state_hash in tensordict.keys(True)
+        out = gigpo_advantage(
+            reward,
+            done,
+            read_rows(tensordict, keys.group_id, "int"),
+            traj_id,
+            read_rows(tensordict, keys.step, "int"),
+            read_rows(tensordict, keys.state_hash, "int") if has_hash else None,
+            estimator=self.estimator,
+            gamma=self.gamma,
+            step_advantage_weight=self.step_advantage_weight,
+            norm=self.norm,
+            eps=self.eps,
+            compat=self.compat,
+        )
+        row_shape = (*tensordict.batch_size, 1)
+        token_axis = self.token_axis
+        if token_axis is None:
+            token_axis = keys.tokens in tensordict.keys(True)
+        advantage_shape = (*row_shape, 1) if token_axis else row_shape
+        tensordict.set(keys.advantage, out.advantage.reshape(advantage_shape))
+        tensordict.set(keys.value_target, out.step_return.reshape(row_shape))
+        tensordict.set(keys.episode_advantage, out.episode_advantage.reshape(row_shape))
+        if out.step_advantage is not None:
+            tensordict.set(keys.step_advantage, out.step_advantage.reshape(row_shape))
+            tensordict.set(keys.step_group_size, out.step_group_size.reshape(row_shape))
+            if self.estimator == "gigpo" and bool((out.step_group_size == 1).all()):
+                warnings.warn(
+                    "GIGPOAdvantage: no anchor state repeats within its episode group in this "
+                    "batch, so every step advantage is 0 and GIGPO equals GRPO here. Check that "
+                    f"the environment fills {keys.state_hash!r} with a hash of its state.",
+                    stacklevel=2,
+                )
+        return tensordict

@@ -1,0 +1,47 @@
+"""Pure tensor functions behind GIGPO: segments, discounted returns, group normalisation."""
+
+from gigpo_torchrl.functional.gigpo import (
+    GIGPOOutput,
+    check_options,
+    check_trajectories,
+    episode_advantage,
+    gigpo_advantage,
+    step_advantage,
+)
+from gigpo_torchrl.functional.normalize import group_normalize
+from gigpo_torchrl.functional.returns import (
+    TrajectoryLayout,
+    check_done,
+    discounted_returns,
+    reverse_discounted_cumsum,
+    trajectory_layout,
+)
+from gigpo_torchrl.functional.segments import (
+    lexsort,
+    segment_count,
+    segment_ids,
+    segment_is_constant,
+    segment_mean_std,
+    segment_sum,
+)
+
+__all__ = [
+    "GIGPOOutput",
+    "TrajectoryLayout",
+    "check_done",
+    "check_options",
+    "check_trajectories",
+    "discounted_returns",
+    "episode_advantage",
+    "gigpo_advantage",
+    "group_normalize",
+    "lexsort",
+    "reverse_discounted_cumsum",
+    "segment_count",
+    "segment_ids",
+    "segment_is_constant",
+    "segment_mean_std",
+    "segment_sum",
+    "step_advantage",
+    "trajectory_layout",
+]

@@ -1,0 +1,259 @@
+"""GIGPO advantages of a flat batch of step rows (arXiv 2505.10978, Eqs. 3, 5, 7, 8).
+
+See ``DESIGN.md`` for the exact semantics. All inputs are flat ``[N]`` tensors, one entry
+per (trajectory, step) row, in any order; every trajectory must be complete.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gigpo_torchrl.functional.normalize import Norm, group_normalize
+from gigpo_torchrl.functional.returns import (
+    TrajectoryLayout,
+    check_done,
+    discounted_returns,
+    trajectory_layout,
+)
+from gigpo_torchrl.functional.segments import segment_count, segment_ids, segment_sum
+
+Estimator = Literal["gigpo", "grpo", "rloo"]
+Compat = Literal["verl-agent"] | None
+
+ESTIMATORS = ("gigpo", "grpo", "rloo")
+NORMS = ("std", "none")
+COMPATS = (None, "verl-agent")
+
+
+class GIGPOOutput(NamedTuple):
+    """Per-row results, each ``[N]`` in the input row order.
+
+    Attributes:
+        advantage: the advantage to train on (``A_E + ω·A_S`` for gigpo, ``A_E`` otherwise).
+        episode_advantage: ``A_E`` of the row's trajectory.
+        step_advantage: ``A_S`` of the row, or None when no state hash was given.
+        step_group_size: int64 number of rows sharing the row's anchor state in its group,
+            or None when no state hash was given.
+        step_return: discounted return-to-go ``R_t`` of the row.
+        episode_return: undiscounted return ``R(τ)`` of the row's trajectory.
+    """
+
+    advantage: Tensor
+    episode_advantage: Tensor
+    step_advantage: Tensor | None
+    step_group_size: Tensor | None
+    step_return: Tensor
+    episode_return: Tensor
+
+
+def check_options(
+    estimator: str, gamma: float, step_advantage_weight: float, norm: str, eps: float, compat
+) -> None:
+    """Raise ``ValueError`` naming the first invalid option value."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not one of {ESTIMATORS}")
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+    if compat not in COMPATS:
+        raise ValueError(f"compat={compat!r} is not one of {COMPATS}")
+    if compat == "verl-agent" and estimator == "rloo":
+        raise ValueError(
+            "compat='verl-agent' reproduces the reference's gigpo and grpo estimators; "
+            "estimator='rloo' has no verl-agent counterpart"
+        )
+    for name, value in (("gamma", gamma), ("step_advantage_weight", step_advantage_weight)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+            value
+        ):
+            raise ValueError(f"{name}={value!r} must be a finite number")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma={gamma!r} must be in [0, 1]")
+    if step_advantage_weight < 0:
+        raise ValueError(f"step_advantage_weight={step_advantage_weight!r} must be >= 0")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+        raise ValueError(f"eps={eps!r} must be a positive number")
+
+
+def check_trajectories(
+    traj_id: Tensor, step: Tensor, done: Tensor, group_id: Tensor
+) -> TrajectoryLayout:
+    """Check that every trajectory is complete and belongs to a single group.
+
+    Returns:
+        The :class:`~gigpo_torchrl.functional.returns.TrajectoryLayout` of the rows.
+
+    Raises:
+        ValueError: naming the first faulty trajectory.
+    """
+    layout = trajectory_layout(traj_id, step)
+    check_done(layout, done, traj_id)
+    mixed = group_id != group_id[layout.first][layout.traj_index]
+    if bool(mixed.any()):
+        row = int(torch.nonzero(mixed)[0, 0])
+        raise ValueError(
+            f"trajectory {int(traj_id[row])} has rows in several groups "
+            f"({int(group_id[layout.first][layout.traj_index[row]])} and {int(group_id[row])})"
+        )
+    return layout
+
+
+def episode_advantage(
+    episode_return: Tensor,
+    traj_group: Tensor,
+    num_groups: int,
+    *,
+    length: Tensor,
+    leave_one_out: bool = False,
+    norm: Norm = "std",
+    eps: float = 1e-6,
+    compat: Compat = None,
+) -> Tensor:
+    """Episode-level relative advantage ``A_E`` of each trajectory (Eq. 3).
+
+    Args:
+        episode_return: float ``[T]`` return of each trajectory.
+        traj_group: int64 ``[T]`` dense episode group of each trajectory.
+        num_groups: number of episode groups.
+        length: int64 ``[T]`` number of steps of each trajectory (used by verl-agent's
+            length-weighted statistics).
+        leave_one_out: RLOO baseline (mean of the other trajectories).
+        norm: ``"std"`` or ``"none"``.
+        eps: std floor.
+        compat: None (paper) or ``"verl-agent"``.
+
+    Returns:
+        float ``[T]``.
+    """
+    if compat == "verl-agent":
+        # The reference scores every step row with its trajectory's return, so each
+        # trajectory counts once per step; a lone trajectory keeps its raw return.
+        return group_normalize(
+            episode_return,
+            traj_group,
+            num_groups,
+            norm=norm,
+            eps=eps,
+            std_floor="add",
+            singleton="raw",
+            weights=length.to(episode_return.dtype),
+        )
+    return group_normalize(
+        episode_return, traj_group, num_groups, norm=norm, eps=eps, leave_one_out=leave_one_out
+    )
+
+
+def step_advantage(
+    step_return: Tensor,
+    step_group: Tensor,
+    num_step_groups: int,
+    *,
+    norm: Norm = "std",
+    eps: float = 1e-6,
+    compat: Compat = None,
+) -> Tensor:
+    """Step-level relative advantage ``A_S`` of each row among rows of the same anchor (Eq. 7).
+
+    Args:
+        step_return: float ``[N]`` discounted return-to-go of each row.
+        step_group: int64 ``[N]`` dense (episode group, state hash) id of each row.
+        num_step_groups: number of step groups.
+        norm: ``"std"`` or ``"none"``.
+        eps: std floor.
+        compat: None (paper) or ``"verl-agent"``.
+
+    Returns:
+        float ``[N]``; 0 for rows alone in their step group.
+    """
+    return group_normalize(
+        step_return,
+        step_group,
+        num_step_groups,
+        norm=norm,
+        eps=eps,
+        std_floor="add" if compat == "verl-agent" else "clamp",
+    )
+
+
+def gigpo_advantage(
+    reward: Tensor,
+    done: Tensor,
+    group_id: Tensor,
+    traj_id: Tensor,
+    step: Tensor,
+    state_hash: Tensor | None = None,
+    *,
+    estimator: Estimator = "gigpo",
+    gamma: float = 0.95,
+    step_advantage_weight: float = 1.0,
+    norm: Norm = "std",
+    eps: float = 1e-6,
+    compat: Compat = None,
+) -> GIGPOOutput:
+    """Advantages of a batch of complete trajectories.
+
+    Computed in float64 and returned in ``reward``'s dtype. Cost O(N log N): a few sorts
+    and segment reductions.
+
+    Args:
+        reward: float ``[N]`` step reward of each row.
+        done: bool ``[N]`` whether the episode ended at this row.
+        group_id: int64 ``[N]`` episode group (same task and seed).
+        traj_id: int64 ``[N]`` trajectory, unique in the batch.
+        step: int64 ``[N]`` step index inside the trajectory, from 0.
+        state_hash: int64 ``[N]`` anchor state before the action; required for gigpo.
+        estimator: ``"gigpo"``, ``"grpo"`` or ``"rloo"``.
+        gamma: discount of the step return (Eq. 5).
+        step_advantage_weight: ω in ``A = A_E + ω·A_S``.
+        norm: ``"std"`` or ``"none"``.
+        eps: std floor.
+        compat: None or ``"verl-agent"``.
+
+    Returns:
+        :class:`GIGPOOutput`.
+    """
+    check_options(estimator, gamma, step_advantage_weight, norm, eps, compat)
+    if estimator == "gigpo" and state_hash is None:
+        raise ValueError("estimator='gigpo' needs state_hash (the anchor state of each row)")
+    dtype = reward.dtype
+    reward = reward.to(torch.float64)
+    layout = check_trajectories(traj_id, step, done, group_id)
+
+    step_return = discounted_returns(reward, traj_id, step, gamma, layout)
+    # Summing in trajectory order makes equal trajectories give bit-equal returns.
+    sorted_traj = layout.traj_index[layout.order]
+    returns = segment_sum(reward[layout.order], sorted_traj, layout.num_trajectories)
+    traj_group, num_groups = segment_ids(group_id[layout.first])
+    traj_advantage = episode_advantage(
+        returns,
+        traj_group,
+        num_groups,
+        length=layout.length,
+        leave_one_out=estimator == "rloo",
+        norm=norm,
+        eps=eps,
+        compat=compat,
+    )
+    episode_adv = traj_advantage[layout.traj_index]
+    advantage = episode_adv
+    step_adv = group_size = None
+    if state_hash is not None:
+        step_group, num_step_groups = segment_ids(group_id, state_hash)
+        group_size = segment_count(step_group, num_step_groups)[step_group]
+        step_adv = step_advantage(
+            step_return, step_group, num_step_groups, norm=norm, eps=eps, compat=compat
+        )
+        if estimator == "gigpo":
+            advantage = episode_adv + step_advantage_weight * step_adv
+        step_adv = step_adv.to(dtype)
+    return GIGPOOutput(
+        advantage=advantage.to(dtype),
+        episode_advantage=episode_adv.to(dtype),
+        step_advantage=step_adv,
+        step_group_size=group_size,
+        step_return=step_return.to(dtype),
+        episode_return=returns[layout.traj_index].to(dtype),
+    )

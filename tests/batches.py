@@ -1,0 +1,118 @@
+"""Build step-row batches from readable trajectory specs, and a slow loop reference."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+import torch
+from tensordict import TensorDict
+
+
+def make_batch(trajectories, *, order=None, dtype=torch.float64) -> TensorDict:
+    """Step rows of ``trajectories``: a list of ``(group_id, traj_id, [(state_hash, reward), ...])``.
+
+    Rows come trajectory by trajectory, step by step, unless ``order`` (a permutation of the
+    rows) is given.
+    """
+    rows = [
+        (group, traj, t, state, reward, t == len(steps) - 1)
+        for group, traj, steps in trajectories
+        for t, (state, reward) in enumerate(steps)
+    ]
+    if order is not None:
+        rows = [rows[i] for i in order]
+    group, traj, step, state, reward, done = zip(*rows, strict=True) if rows else ([],) * 6
+    n = len(rows)
+    return TensorDict(
+        {
+            "group_id": torch.tensor(group, dtype=torch.long),
+            "traj_id": torch.tensor(traj, dtype=torch.long),
+            "step": torch.tensor(step, dtype=torch.long),
+            "state_hash": torch.tensor(state, dtype=torch.long),
+            ("next", "reward"): torch.tensor(reward, dtype=dtype).reshape(n, 1),
+            ("next", "done"): torch.tensor(done, dtype=torch.bool).reshape(n, 1),
+        },
+        batch_size=[n],
+    )
+
+
+def _normalize(value, values, *, norm, eps, add_eps, leave_one_out=False):
+    """One member's relative value against its group's ``values`` (the member included)."""
+    if len(set(values)) == 1:
+        return 0.0
+    if leave_one_out:
+        baseline = (sum(values) - value) / (len(values) - 1)
+    else:
+        baseline = statistics.fmean(values)
+    if norm == "none":
+        return value - baseline
+    std = statistics.stdev(values)
+    return (value - baseline) / (std + eps if add_eps else max(std, eps))
+
+
+def reference(td, *, estimator="gigpo", gamma=0.95, weight=1.0, norm="std", eps=1e-6, compat=None):
+    """DESIGN.md's semantics written as plain loops over rows: (advantage, A_E, A_S) lists."""
+    rows = [
+        dict(
+            group=int(td["group_id"][i]),
+            traj=int(td["traj_id"][i]),
+            step=int(td["step"][i]),
+            state=int(td["state_hash"][i]),
+            reward=float(td["next", "reward"][i]),
+        )
+        for i in range(td.shape[0])
+    ]
+    by_traj = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_traj[row["traj"]].append(i)
+    step_return = [0.0] * len(rows)
+    traj_return = {}
+    for traj, idx in by_traj.items():
+        idx.sort(key=lambda i: rows[i]["step"])
+        running = 0.0
+        for i in reversed(idx):
+            running = rows[i]["reward"] + gamma * running
+            step_return[i] = running
+        traj_return[traj] = sum(rows[i]["reward"] for i in idx)
+
+    group_trajs = defaultdict(list)
+    for traj, idx in by_traj.items():
+        group_trajs[rows[idx[0]]["group"]].append(traj)
+    episode = {}
+    for trajs in group_trajs.values():
+        returns = [traj_return[t] for t in trajs]
+        for t in trajs:
+            if compat == "verl-agent":
+                if len(trajs) == 1:
+                    scale = 1.0 if norm == "none" else 1.0 + eps
+                    episode[t] = traj_return[t] / scale
+                    continue
+                per_row = [traj_return[u] for u in trajs for _ in by_traj[u]]
+                episode[t] = _normalize(traj_return[t], per_row, norm=norm, eps=eps, add_eps=True)
+            elif len(trajs) == 1:
+                episode[t] = 0.0
+            else:
+                episode[t] = _normalize(
+                    traj_return[t], returns, norm=norm, eps=eps, add_eps=False,
+                    leave_one_out=estimator == "rloo",
+                )
+
+    step_groups = defaultdict(list)
+    for i, row in enumerate(rows):
+        step_groups[(row["group"], row["state"])].append(i)
+    step_adv = [0.0] * len(rows)
+    for idx in step_groups.values():
+        if len(idx) == 1:
+            continue
+        values = [step_return[i] for i in idx]
+        for i in idx:
+            step_adv[i] = _normalize(
+                step_return[i], values, norm=norm, eps=eps, add_eps=compat == "verl-agent"
+            )
+    episode_adv = [episode[row["traj"]] for row in rows]
+    combined = [
+        e + weight * s if estimator == "gigpo" else e
+        for e, s in zip(episode_adv, step_adv, strict=True)
+    ]
+    return combined, episode_adv, step_adv

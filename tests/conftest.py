@@ -1,0 +1,18 @@
+"""Slow end-to-end tests run when CI=true or with --runslow; the rest always run."""
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("CI", "").lower() == "true":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (always run when CI=true)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
