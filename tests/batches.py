@@ -10,7 +10,7 @@ from tensordict import TensorDict
 
 
 def make_batch(trajectories, *, order=None, dtype=torch.float64) -> TensorDict:
-    """Step rows of ``trajectories``: a list of ``(group_id, traj_id, [(state_hash, reward), ...])``.
+    """Step rows of ``trajectories``, a list of ``(group, traj, [(state_hash, reward), ...])``.
 
     Rows come trajectory by trajectory, step by step, unless ``order`` (a permutation of the
     rows) is given.
@@ -94,7 +94,11 @@ def reference(td, *, estimator="gigpo", gamma=0.95, weight=1.0, norm="std", eps=
                 episode[t] = 0.0
             else:
                 episode[t] = _normalize(
-                    traj_return[t], returns, norm=norm, eps=eps, add_eps=False,
+                    traj_return[t],
+                    returns,
+                    norm=norm,
+                    eps=eps,
+                    add_eps=False,
                     leave_one_out=estimator == "rloo",
                 )
 

@@ -39,9 +39,7 @@ def test_step_advantage_weight_and_norm_none():
 
 def test_a_revisited_state_joins_its_own_step_group():
     # trajectory 0: 10 -> 11 -> 10 (revisit) -> end ; trajectory 1: 10 -> end
-    td = make_batch(
-        [(0, 0, [(10, 0.0), (11, 0.0), (10, 1.0)]), (0, 1, [(10, 0.0)])]
-    )
+    td = make_batch([(0, 0, [(10, 0.0), (11, 0.0), (10, 1.0)]), (0, 1, [(10, 0.0)])])
     td = GIGPOAdvantage(gamma=1.0, norm="none")(td)
     # state 10 rows: returns 1 (step 0), 1 (step 2), 0 (traj 1); mean 2/3
     assert flat(td, "step_group_size") == [3, 1, 3, 3]
@@ -98,7 +96,9 @@ def test_verl_agent_compat_by_hand():
 def test_compat_step_term_uses_std_plus_eps():
     td = GIGPOAdvantage(gamma=0.5, compat="verl-agent", eps=0.1)(two_paths())
     std = math.sqrt(0.125)  # of step returns 0.5 and 0
-    assert flat(td, "step_advantage") == pytest.approx([0.25 / (std + 0.1), 0, -0.25 / (std + 0.1), 0])
+    assert flat(td, "step_advantage") == pytest.approx(
+        [0.25 / (std + 0.1), 0, -0.25 / (std + 0.1), 0]
+    )
 
 
 def test_multi_dim_batch_and_float32_keep_shapes_and_dtype():
@@ -132,15 +132,23 @@ def test_set_keys_renames_every_key():
         renamed.set(new, td.get(old))
     adv = GIGPOAdvantage(gamma=0.5)
     adv.set_keys(
-        group_id="gid", traj_id="tid", step="t", state_hash=("obs", "hash"), reward="r", done="d",
-        advantage="A", episode_advantage="AE", step_advantage="AS", step_group_size="n",
+        group_id="gid",
+        traj_id="tid",
+        step="t",
+        state_hash=("obs", "hash"),
+        reward="r",
+        done="d",
+        advantage="A",
+        episode_advantage="AE",
+        step_advantage="AS",
+        step_group_size="n",
         value_target="ret",
     )
     assert ("obs", "hash") in adv.in_keys and "A" in adv.out_keys
     out = adv(renamed)
     assert flat(out, "A") == pytest.approx([2 * S, S, -2 * S, -S])
     assert {"AE", "AS", "n", "ret"} <= set(out.keys())
-    assert "advantage" not in out.keys()
+    assert "advantage" not in out
 
 
 def test_grpo_needs_no_state_hash():
@@ -148,7 +156,7 @@ def test_grpo_needs_no_state_hash():
     del td["state_hash"]
     out = GIGPOAdvantage("grpo")(td)
     assert flat(out, "advantage") == pytest.approx([S, S, -S, -S])
-    assert "step_advantage" not in out.keys()
+    assert "step_advantage" not in out
 
 
 def test_warns_when_no_state_repeats():
@@ -179,12 +187,14 @@ def test_bad_options_are_named(kwargs, message):
 def _drop(key):
     def edit(td):
         del td[key]
+
     return edit
 
 
 def _set(key, value):
     def edit(td):
         td.set(key, value)
+
     return edit
 
 

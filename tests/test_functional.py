@@ -17,15 +17,16 @@ from gigpo_torchrl.functional import (
 def test_segment_ids_number_tuples_in_lexicographic_order():
     group = torch.tensor([2, 1, 2, 1, 2])
     state = torch.tensor([-5, 7, -5, 3, 2**62])
-    ids, n = segment_ids(group, state)
+    ids, n, counts = segment_ids(group, state)
     # tuples: (1,3) < (1,7) < (2,-5) < (2,2**62)
     assert n == 4
     assert ids.tolist() == [2, 1, 2, 0, 3]
+    assert counts.tolist() == [1, 1, 2, 1]
 
 
 def test_segment_ids_of_empty_input():
-    ids, n = segment_ids(torch.zeros(0, dtype=torch.long))
-    assert n == 0 and ids.numel() == 0
+    ids, n, counts = segment_ids(torch.zeros(0, dtype=torch.long))
+    assert n == 0 and ids.numel() == 0 and counts.numel() == 0
 
 
 def test_segment_mean_std_is_unbiased_and_weighted():

@@ -20,8 +20,9 @@ GAMMAS = st.sampled_from([0.0, 0.95, 1.0]) | st.floats(0.0, 1.0)
 def batches(draw, min_group_size=1):
     """Trajectory specs: groups of trajectories of variable length with random ids."""
     group_ids = draw(st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=4, unique=True))
-    traj_ids = iter(draw(st.lists(st.integers(-(2**62), 2**62), min_size=60, max_size=60,
-                                  unique=True)))
+    traj_ids = iter(
+        draw(st.lists(st.integers(-(2**62), 2**62), min_size=60, max_size=60, unique=True))
+    )
     trajectories = []
     for group in group_ids:
         for _ in range(draw(st.integers(min_group_size, 5))):
@@ -86,14 +87,20 @@ def test_zero_step_weight_is_grpo(trajectories, seed, gamma):
 
 
 @settings(max_examples=60)
-@given(trajectories=batches(), norm=st.sampled_from(["std", "none"]),
-       estimator=st.sampled_from(["grpo", "rloo"]))
+@given(
+    trajectories=batches(),
+    norm=st.sampled_from(["std", "none"]),
+    estimator=st.sampled_from(["grpo", "rloo"]),
+)
 def test_episode_advantages_sum_to_zero_per_group(trajectories, norm, estimator):
     td = GIGPOAdvantage(estimator, norm=norm)(make_batch(trajectories))
     first = td["step"] == 0
     sums = {}
-    for group, adv in zip(td["group_id"][first].tolist(),
-                          td["episode_advantage"][first].reshape(-1).tolist(), strict=True):
+    for group, adv in zip(
+        td["group_id"][first].tolist(),
+        td["episode_advantage"][first].reshape(-1).tolist(),
+        strict=True,
+    ):
         sums[group] = sums.get(group, 0.0) + adv
     assert list(sums.values()) == pytest.approx([0.0] * len(sums), abs=1e-9)
 
@@ -119,13 +126,16 @@ def test_grpo_equals_torchrl_mc_advantage(trajectories):
     sizes = {}
     for group, _, _ in trajectories:
         sizes[group] = sizes.get(group, 0) + 1
-    mc = {g: MCAdvantage(grpo_size=n, prompt_key="group_id", trajectory_return="sum")
-          for g, n in sizes.items()}
+    mc = {
+        g: MCAdvantage(grpo_size=n, prompt_key="group_id", trajectory_return="sum")
+        for g, n in sizes.items()
+    }
     for spec in trajectories:
         out = mc[spec[0]].inv(make_batch([spec]))
         if out is not None:
-            for traj, adv in zip(out["traj_id"].tolist(), out["advantage"].reshape(-1).tolist(),
-                                 strict=True):
+            for traj, adv in zip(
+                out["traj_id"].tolist(), out["advantage"].reshape(-1).tolist(), strict=True
+            ):
                 expected[traj] = adv
     got = dict(zip(ours["traj_id"].tolist(), ours["advantage"].reshape(-1).tolist(), strict=True))
     assert got.keys() == expected.keys()

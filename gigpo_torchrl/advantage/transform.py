@@ -65,7 +65,10 @@ class GIGPOTransform(Transform):
         traj_id = read_rows(rows, keys.traj_id, "int")
         # Checked before queuing so that a faulty write never corrupts a queued group.
         check_trajectories(
-            traj_id, read_rows(rows, keys.step, "int"), read_rows(rows, ("next", keys.done), "bool"), group_id
+            traj_id,
+            read_rows(rows, keys.step, "int"),
+            read_rows(rows, ("next", keys.done), "bool"),
+            group_id,
         )
         released = []
         for group in torch.unique(group_id).tolist():

@@ -2,6 +2,7 @@
 
 from gigpo_torchrl.functional.gigpo import (
     GIGPOOutput,
+    anchor_groups,
     check_options,
     check_trajectories,
     episode_advantage,
@@ -17,7 +18,7 @@ from gigpo_torchrl.functional.returns import (
     trajectory_layout,
 )
 from gigpo_torchrl.functional.segments import (
-    lexsort,
+    dense_ids,
     segment_count,
     segment_ids,
     segment_is_constant,
@@ -26,6 +27,8 @@ from gigpo_torchrl.functional.segments import (
 )
 
 __all__ = [
+    "anchor_groups",
+    "dense_ids",
     "GIGPOOutput",
     "TrajectoryLayout",
     "check_done",
@@ -35,7 +38,6 @@ __all__ = [
     "episode_advantage",
     "gigpo_advantage",
     "group_normalize",
-    "lexsort",
     "reverse_discounted_cumsum",
     "segment_count",
     "segment_ids",

@@ -16,10 +16,10 @@ from gigpo_torchrl.functional.normalize import Norm, group_normalize
 from gigpo_torchrl.functional.returns import (
     TrajectoryLayout,
     check_done,
-    discounted_returns,
+    reverse_discounted_cumsum,
     trajectory_layout,
 )
-from gigpo_torchrl.functional.segments import segment_count, segment_ids, segment_sum
+from gigpo_torchrl.functional.segments import dense_ids, segment_ids
 
 Estimator = Literal["gigpo", "grpo", "rloo"]
 Compat = Literal["verl-agent"] | None
@@ -66,8 +66,10 @@ def check_options(
             "estimator='rloo' has no verl-agent counterpart"
         )
     for name, value in (("gamma", gamma), ("step_advantage_weight", step_advantage_weight)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
-            value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
         ):
             raise ValueError(f"{name}={value!r} must be a finite number")
     if not 0.0 <= gamma <= 1.0:
@@ -91,7 +93,7 @@ def check_trajectories(
     """
     layout = trajectory_layout(traj_id, step)
     check_done(layout, done, traj_id)
-    mixed = group_id != group_id[layout.first][layout.traj_index]
+    mixed = group_id != group_id[layout.first].index_select(0, layout.traj_index)
     if bool(mixed.any()):
         row = int(torch.nonzero(mixed)[0, 0])
         raise ValueError(
@@ -99,6 +101,30 @@ def check_trajectories(
             f"({int(group_id[layout.first][layout.traj_index[row]])} and {int(group_id[row])})"
         )
     return layout
+
+
+def anchor_groups(row_group: Tensor, state_hash: Tensor) -> tuple[Tensor, int, Tensor]:
+    """Step groups: the rows that share an episode group and an anchor state hash.
+
+    Args:
+        row_group: int64 ``[N]`` dense episode group of each row.
+        state_hash: int64 ``[N]`` anchor state of each row.
+
+    Returns:
+        ``(ids, num_step_groups, counts)`` as :func:`~gigpo_torchrl.functional.segment_ids`
+        (ids numbered in no particular order).
+    """
+    state, state_counts = dense_ids(state_hash)
+    num_states = state_counts.numel()
+    low = row_group.new_full((num_states,), row_group.numel())
+    low = low.scatter_reduce(0, state, row_group, reduce="amin")
+    high = torch.zeros_like(low).scatter_reduce(0, state, row_group, reduce="amax")
+    # Usually no state hash occurs in two episode groups (they start from different
+    # seeds); then the hash alone is the key and a second sort is saved.
+    if bool((low == high).all()):
+        return state, num_states, state_counts
+    ids, counts = dense_ids(row_group * num_states + state)
+    return ids, counts.numel(), counts
 
 
 def episode_advantage(
@@ -218,42 +244,50 @@ def gigpo_advantage(
     check_options(estimator, gamma, step_advantage_weight, norm, eps, compat)
     if estimator == "gigpo" and state_hash is None:
         raise ValueError("estimator='gigpo' needs state_hash (the anchor state of each row)")
-    dtype = reward.dtype
-    reward = reward.to(torch.float64)
     layout = check_trajectories(traj_id, step, done, group_id)
+    order, length = layout.order, layout.length
 
-    step_return = discounted_returns(reward, traj_id, step, gamma, layout)
-    # Summing in trajectory order makes equal trajectories give bit-equal returns.
-    sorted_traj = layout.traj_index[layout.order]
-    returns = segment_sum(reward[layout.order], sorted_traj, layout.num_trajectories)
-    traj_group, num_groups = segment_ids(group_id[layout.first])
+    # Work in trajectory order (each trajectory's rows together, by step), where per-
+    # trajectory values spread to rows by repeat_interleave instead of random gathers;
+    # the results go back to the input order at the end.
+    sorted_reward = reward.to(torch.float64).index_select(0, order)
+    continues = torch.ones_like(order, dtype=torch.bool)
+    continues[torch.cumsum(length, 0) - 1] = False
+    max_length = int(length.max()) if layout.num_trajectories else 0
+    step_return = reverse_discounted_cumsum(sorted_reward, continues, gamma, max_length)
+    # A sequential sum per trajectory: equal trajectories give bit-equal returns.
+    returns = torch.segment_reduce(sorted_reward, "sum", lengths=length)
+    traj_group, num_groups, _ = segment_ids(group_id[layout.first])
     traj_advantage = episode_advantage(
         returns,
         traj_group,
         num_groups,
-        length=layout.length,
+        length=length,
         leave_one_out=estimator == "rloo",
         norm=norm,
         eps=eps,
         compat=compat,
     )
-    episode_adv = traj_advantage[layout.traj_index]
+    episode_adv = torch.repeat_interleave(traj_advantage, length)
     advantage = episode_adv
     step_adv = group_size = None
     if state_hash is not None:
-        step_group, num_step_groups = segment_ids(group_id, state_hash)
-        group_size = segment_count(step_group, num_step_groups)[step_group]
+        row_group = torch.repeat_interleave(traj_group, length)
+        step_group, num_step_groups, counts = anchor_groups(
+            row_group, state_hash.index_select(0, order)
+        )
         step_adv = step_advantage(
             step_return, step_group, num_step_groups, norm=norm, eps=eps, compat=compat
         )
         if estimator == "gigpo":
             advantage = episode_adv + step_advantage_weight * step_adv
-        step_adv = step_adv.to(dtype)
+        step_adv = step_adv.index_select(0, layout.position).to(reward.dtype)
+        group_size = counts.index_select(0, step_group).index_select(0, layout.position)
     return GIGPOOutput(
-        advantage=advantage.to(dtype),
-        episode_advantage=episode_adv.to(dtype),
+        advantage=advantage.index_select(0, layout.position).to(reward.dtype),
+        episode_advantage=traj_advantage.index_select(0, layout.traj_index).to(reward.dtype),
         step_advantage=step_adv,
         step_group_size=group_size,
-        step_return=step_return.to(dtype),
-        episode_return=returns[layout.traj_index].to(dtype),
+        step_return=step_return.index_select(0, layout.position).to(reward.dtype),
+        episode_return=returns.index_select(0, layout.traj_index).to(reward.dtype),
     )

@@ -63,21 +63,26 @@ def group_normalize(
         raise ValueError("leave_one_out=True does not take weights")
     mean, std, _ = segment_mean_std(values, groups, num_groups, weights)
     count = segment_count(groups, num_groups)
-    single = (count == 1)[groups]
-    if leave_one_out:
-        others = (count - 1).clamp_min(1).to(values.dtype)[groups]
-        baseline = (segment_sum(values, groups, num_groups)[groups] - values) / others
-    else:
-        baseline = mean[groups]
-    # A lone member is scored as if its group had mean 0 and std 1.
-    baseline = torch.where(single, 0.0, baseline)
+    single = count == 1
+    # Per-group constants, gathered to the members in one indexing call.
     if norm == "none":
-        scale = torch.ones_like(values)
+        scale = torch.ones_like(std)
     else:
-        member_std = torch.where(single, 1.0, std[groups])
-        scale = member_std + eps if std_floor == "add" else member_std.clamp_min(eps)
-    out = (values - baseline) / scale
+        # A lone member is scored as if its group had mean 0 and std 1.
+        std = torch.where(single, 1.0, std)
+        scale = std + eps if std_floor == "add" else std.clamp_min(eps)
+    zero = segment_is_constant(values, groups, num_groups) & ~single
     if singleton == "zero":
-        out = torch.where(single, 0.0, out)
-    constant = segment_is_constant(values, groups, num_groups)[groups]
-    return torch.where(constant & ~single, 0.0, out)
+        zero |= single
+    if leave_one_out:
+        total = segment_sum(values, groups, num_groups)
+        others = (count - 1).clamp_min(1).to(values.dtype)
+        params = torch.stack([total, others, scale, zero.to(values.dtype)], 1)
+        params = params.index_select(0, groups)
+        baseline = (params[:, 0] - values) / params[:, 1]
+    else:
+        params = torch.stack([torch.where(single, 0.0, mean), scale, zero.to(values.dtype)], 1)
+        params = params.index_select(0, groups)
+        baseline = params[:, 0]
+    out = (values - baseline) / params[:, -2]
+    return torch.where(params[:, -1] != 0, 0.0, out)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gigpo_torchrl.functional.segments import lexsort, segment_ids
+from gigpo_torchrl.functional.segments import segment_ids
 
 
 class TrajectoryLayout(NamedTuple):
@@ -21,6 +21,7 @@ class TrajectoryLayout(NamedTuple):
 
     Attributes:
         order: int64 ``[N]``: row indices sorted by (trajectory, step).
+        position: int64 ``[N]``: where each row stands in that order (``order``'s inverse).
         traj_index: int64 ``[N]``: dense trajectory index of each row, in input order.
         num_trajectories: ``T``.
         first: int64 ``[T]``: input row of each trajectory's step 0.
@@ -29,6 +30,7 @@ class TrajectoryLayout(NamedTuple):
     """
 
     order: Tensor
+    position: Tensor
     traj_index: Tensor
     num_trajectories: int
     first: Tensor
@@ -39,6 +41,9 @@ class TrajectoryLayout(NamedTuple):
 def trajectory_layout(traj_id: Tensor, step: Tensor) -> TrajectoryLayout:
     """Sort step rows into trajectories and check that each one has steps ``0..L-1``.
 
+    No comparison sort is needed: a whole trajectory of ``L`` rows holds steps ``0..L-1``, so
+    row ``(k, t)`` goes to position ``start_k + t`` (a counting sort, O(N)).
+
     Args:
         traj_id: int64 ``[N]`` trajectory of each row (any values).
         step: int64 ``[N]`` step index of each row inside its trajectory.
@@ -47,36 +52,40 @@ def trajectory_layout(traj_id: Tensor, step: Tensor) -> TrajectoryLayout:
         The :class:`TrajectoryLayout`.
 
     Raises:
-        ValueError: naming the first trajectory with a missing or repeated step.
+        ValueError: naming the first trajectory with a missing, repeated or negative step.
     """
-    traj_index, num_traj = segment_ids(traj_id)
-    order = lexsort(traj_index, step)
-    sorted_traj = traj_index[order]
-    starts = torch.ones_like(sorted_traj, dtype=torch.bool)
-    starts[1:] = sorted_traj[1:] != sorted_traj[:-1]
-    start_positions = torch.nonzero(starts).squeeze(-1)
-    length = torch.diff(
-        start_positions, append=torch.tensor([sorted_traj.numel()], device=step.device)
-    )
-    # A whole trajectory sorted by step reads 0, 1, ..., L-1.
-    position = torch.arange(sorted_traj.numel(), device=step.device)
-    expected = position - start_positions[sorted_traj]
-    wrong = step[order] != expected
-    if bool(wrong.any()):
-        row = int(order[torch.nonzero(wrong)[0, 0]])
-        bad = sorted_traj[torch.nonzero(wrong)[0, 0]]
-        steps = step[order][sorted_traj == bad].tolist()
+    n = step.numel()
+    traj_index, num_traj, length = segment_ids(traj_id)
+    start = torch.cumsum(length, 0) - length
+    row_length = length.index_select(0, traj_index)
+    in_range = (step >= 0) & (step < row_length)
+    position = start.index_select(0, traj_index) + step
+    bad = None
+    if not bool(in_range.all()):
+        bad = traj_index[torch.nonzero(~in_range)[0, 0]]
+    else:
+        filled = torch.bincount(position, minlength=n)
+        if bool((filled != 1).any()):
+            # A repeated step leaves a hole in its trajectory's block of positions.
+            hole = torch.nonzero(filled != 1)[0, 0]
+            bad = torch.searchsorted(start, hole, right=True) - 1
+    if bad is not None:
+        bad_rows = traj_index == bad
+        steps = torch.sort(step[bad_rows]).values.tolist()
         raise ValueError(
-            f"trajectory {int(traj_id[row])} is incomplete or has repeated steps: its rows "
-            f"have steps {steps[:20]}{'...' if len(steps) > 20 else ''}, expected 0..L-1 "
+            f"trajectory {int(traj_id[bad_rows][0])} is incomplete or has repeated steps: its "
+            f"rows have steps {steps[:20]}{'...' if len(steps) > 20 else ''}, expected 0..L-1 "
             "with every step exactly once (each trajectory must be complete in the batch)"
         )
+    order = torch.empty_like(position)
+    order[position] = torch.arange(n, device=step.device)
     return TrajectoryLayout(
         order=order,
+        position=position,
         traj_index=traj_index,
         num_trajectories=num_traj,
-        first=order[start_positions],
-        last=order[start_positions + length - 1],
+        first=order[start],
+        last=order[start + length - 1],
         length=length,
     )
 
@@ -110,18 +119,22 @@ def check_done(layout: TrajectoryLayout, done: Tensor, traj_id: Tensor) -> None:
         )
 
 
-def reverse_discounted_cumsum(values: Tensor, continues: Tensor, gamma: float) -> Tensor:
+def reverse_discounted_cumsum(
+    values: Tensor, continues: Tensor, gamma: float, max_length: int
+) -> Tensor:
     """``out[i] = values[i] + gamma * continues[i] * out[i + 1]`` over rows in order.
 
     Rows are in trajectory order; ``continues[i]`` is False at a trajectory's last row, so
     the sum never crosses into the next trajectory. Computed by recursive doubling: after the
     pass with offset ``d`` every row holds the discounted sum of its next ``2d`` rows, so
-    ``ceil(log2(L_max))`` vectorised passes suffice (loop over passes, not rows).
+    ``ceil(log2(max_length))`` vectorised passes suffice (a loop over passes, not rows), and
+    each row's result depends only on its own trajectory's rewards after it.
 
     Args:
         values: float ``[N]``.
         continues: bool ``[N]``.
         gamma: discount in ``[0, 1]``.
+        max_length: the longest trajectory's number of rows.
 
     Returns:
         float ``[N]``, the discounted return-to-go of each row.
@@ -129,13 +142,12 @@ def reverse_discounted_cumsum(values: Tensor, continues: Tensor, gamma: float) -
     total = values.clone()
     factor = continues.to(values.dtype) * gamma
     offset = 1
-    while bool((factor != 0).any()):
-        # In-place updates would read entries already overwritten in this pass.
-        new_total = total.clone()
-        new_total[:-offset] += factor[:-offset] * total[offset:]
-        new_factor = torch.zeros_like(factor)
-        new_factor[:-offset] = factor[:-offset] * factor[offset:]
-        total, factor = new_total, new_factor
+    while offset < max_length:
+        # The right-hand sides are computed before the slices are written, so the in-place
+        # updates read this pass's old values. factor[i] is already 0 wherever i + offset
+        # would leave the trajectory, hence also past the end of the array.
+        total[:-offset] += factor[:-offset] * total[offset:]
+        factor[:-offset] = factor[:-offset] * factor[offset:]
         offset *= 2
     return total
 
@@ -162,10 +174,12 @@ def discounted_returns(
     if layout is None:
         layout = trajectory_layout(traj_id, step)
     order = layout.order
-    sorted_traj = layout.traj_index[order]
-    continues = torch.zeros_like(sorted_traj, dtype=torch.bool)
-    continues[:-1] = sorted_traj[1:] == sorted_traj[:-1]
-    sorted_returns = reverse_discounted_cumsum(reward[order], continues, gamma)
+    continues = torch.ones_like(order, dtype=torch.bool)
+    continues[torch.cumsum(layout.length, 0) - 1] = False
+    max_length = int(layout.length.max()) if layout.num_trajectories else 0
+    sorted_returns = reverse_discounted_cumsum(
+        reward.index_select(0, order), continues, gamma, max_length
+    )
     out = torch.empty_like(sorted_returns)
     out[order] = sorted_returns
     return out

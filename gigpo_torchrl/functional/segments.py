@@ -11,48 +11,47 @@ import torch
 from torch import Tensor
 
 
-def lexsort(*keys: Tensor) -> Tensor:
-    """Row order sorting ``N`` rows by ``keys[0]``, then ``keys[1]``, and so on.
+def dense_ids(key: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense id of each row's value, in increasing order of the values, and the counts.
+
+    Compact keys (values spanning at most ``2N`` integers, as trajectory and group ids
+    usually do) are numbered by counting in O(N); others by a sort.
 
     Args:
-        *keys: integer tensors of shape ``[N]``; the first key is the most significant.
+        key: integer ``[N]``.
 
     Returns:
-        int64 permutation ``[N]`` such that ``keys[k][order]`` is lexicographically sorted.
+        ``(ids, counts)``: ids int64 ``[N]`` in ``[0, K)``, counts int64 ``[K]``.
     """
-    order = torch.arange(keys[0].numel(), device=keys[0].device)
-    # Stable sorts from the least to the most significant key give lexicographic order.
-    for key in reversed(keys):
-        order = order[torch.argsort(key[order], stable=True)]
-    return order
+    n = key.numel()
+    if n:
+        low, high = int(key.min()), int(key.max())
+        if high - low < 2 * n:
+            present = torch.bincount(key - low, minlength=high - low + 1)
+            rank = torch.cumsum(present > 0, 0) - 1
+            return rank.index_select(0, key - low), present[present > 0]
+    return torch.unique(key, return_inverse=True, return_counts=True)[1:]
 
 
-def segment_ids(*keys: Tensor) -> tuple[Tensor, int]:
+def segment_ids(*keys: Tensor) -> tuple[Tensor, int, Tensor]:
     """Dense id of each row's key tuple.
 
     Rows whose tuples ``(keys[0][i], keys[1][i], ...)`` are equal share an id; ids run
     from 0 to ``num_segments - 1`` in lexicographic order of the tuples. Arbitrary int64
-    values are fine (nothing is packed into a single integer, so nothing can overflow).
+    values are fine: each key is first made dense (< N), so packing two dense ids into one
+    int64 cannot overflow for any batch below 3·10⁹ rows.
 
     Args:
         *keys: integer tensors of shape ``[N]``.
 
     Returns:
-        ``(ids, num_segments)`` with ``ids`` int64 ``[N]``.
+        ``(ids, num_segments, counts)``: ids int64 ``[N]``, counts int64 ``[num_segments]``.
     """
-    n = keys[0].numel()
-    if n == 0:
-        return keys[0].new_zeros(0, dtype=torch.long), 0
-    order = lexsort(*keys)
-    starts = torch.zeros(n, dtype=torch.bool, device=keys[0].device)
-    starts[0] = True
-    for key in keys:
-        sorted_key = key[order]
-        starts[1:] |= sorted_key[1:] != sorted_key[:-1]
-    sorted_ids = starts.cumsum(0) - 1
-    ids = torch.empty_like(sorted_ids)
-    ids[order] = sorted_ids
-    return ids, int(sorted_ids[-1]) + 1
+    ids, counts = dense_ids(keys[0])
+    for key in keys[1:]:
+        dense, key_counts = dense_ids(key)
+        ids, counts = dense_ids(ids * key_counts.numel() + dense)
+    return ids, counts.numel(), counts
 
 
 def segment_sum(values: Tensor, ids: Tensor, num_segments: int) -> Tensor:
@@ -89,7 +88,7 @@ def segment_mean_std(
         weights = torch.ones_like(values)
     total = segment_sum(weights, ids, num_segments)
     mean = segment_sum(weights * values, ids, num_segments) / total.clamp_min(1)
-    deviation = values - mean[ids]
+    deviation = values - mean.index_select(0, ids)
     squares = segment_sum(weights * deviation * deviation, ids, num_segments)
     std = torch.where(total > 1, (squares / (total - 1).clamp_min(1)).sqrt(), 0.0)
     return mean, std, total

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv/ at the repository root and install the project with its dev tools.
+# Re-running is cheap: nothing is installed again until pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+# torch goes in first and pinned: left to the resolver, pip would pull a multi-GB CUDA build.
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=.venv/.gigpo-installed
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $torch_spec"
+pip_install() {
+    # pip's log goes to a file and is shown only when it fails, so a failure is never hidden.
+    if ! .venv/bin/python -m pip install -q "$@" > .venv/pip.log 2>&1; then
+        cat .venv/pip.log
+        echo "setup failed: pip install $*" >&2
+        exit 1
+    fi
+}
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "Setting up .venv/ (the first run takes a few minutes)..."
+    pip_install --upgrade pip
+    pip_install "$torch_spec"
+    pip_install -e ".[dev]"
+    .venv/bin/python -c "import gigpo_torchrl, torch; print('gigpo-torchrl ready, torch', torch.__version__)"
+    echo "$want" > "$stamp"
+fi
