@@ -1,6 +1,7 @@
 """GIGPOAdvantage: hand-computed cases, key handling and errors."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -116,6 +117,14 @@ def test_llm_batches_get_a_token_axis():
     assert GIGPOAdvantage()(td.clone())["advantage"].shape == (4, 1, 1)
     assert GIGPOAdvantage(token_axis=False)(td.clone())["advantage"].shape == (4, 1)
     assert GIGPOAdvantage(token_axis=True)(two_paths())["advantage"].shape == (4, 1, 1)
+
+
+def test_an_empty_batch_gives_empty_outputs():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        td = GIGPOAdvantage()(make_batch([]))
+    assert td["advantage"].shape == (0, 1)
+    assert td["step_group_size"].shape == (0, 1)
 
 
 def test_set_keys_renames_every_key():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tensordict import TensorDictBase
@@ -45,6 +46,17 @@ def read_rows(tensordict: TensorDictBase, key: NestedKey, kind: str) -> Tensor:
         raise ValueError(f"key {key!r} has dtype {dtype}; expected {expected} dtype")
     value = value.reshape(-1)
     return value.long() if kind == "int" else value
+
+
+class StepRows(NamedTuple):
+    """The estimator's inputs as flat ``[N]`` tensors, in the order ``gigpo_advantage`` takes."""
+
+    reward: Tensor
+    done: Tensor
+    group_id: Tensor
+    traj_id: Tensor
+    step: Tensor
+    state_hash: Tensor | None
 
 
 class GIGPOAdvantage(ValueEstimatorBase):
@@ -164,6 +176,35 @@ class GIGPOAdvantage(ValueEstimatorBase):
             out += [keys.step_advantage, keys.step_group_size]
         return out
 
+    def read_step_rows(self, tensordict: TensorDictBase) -> StepRows:
+        """The flat, checked inputs of the estimator (see :class:`StepRows`).
+
+        Raises:
+            ValueError: naming a missing key, a wrong dtype or shape, or a non-finite reward.
+        """
+        if tensordict.batch_dims == 0:
+            raise ValueError("GIGPOAdvantage expects a batch of step rows, got batch_size=[]")
+        keys = self.tensor_keys
+        reward_key = ("next", keys.reward)
+        reward = read_rows(tensordict, reward_key, "float")
+        traj_id = read_rows(tensordict, keys.traj_id, "int")
+        finite = torch.isfinite(reward)
+        if not bool(finite.all()):
+            row = int(torch.nonzero(~finite)[0, 0])
+            raise ValueError(
+                f"key {reward_key!r} holds a non-finite reward ({float(reward[row])}) "
+                f"in trajectory {int(traj_id[row])}"
+            )
+        has_hash = self.estimator == "gigpo" or keys.state_hash in tensordict.keys(True)
+        return StepRows(
+            reward=reward,
+            done=read_rows(tensordict, ("next", keys.done), "bool"),
+            group_id=read_rows(tensordict, keys.group_id, "int"),
+            traj_id=traj_id,
+            step=read_rows(tensordict, keys.step, "int"),
+            state_hash=read_rows(tensordict, keys.state_hash, "int") if has_hash else None,
+        )
+
     @torch.no_grad()
     def forward(
         self,
@@ -173,27 +214,9 @@ class GIGPOAdvantage(ValueEstimatorBase):
         target_params: TensorDictBase | None = None,
     ) -> TensorDictBase:
         """Write the advantages into ``tensordict`` (in place) and return it."""
-        if tensordict.batch_dims == 0:
-            raise ValueError("GIGPOAdvantage expects a batch of step rows, got batch_size=[]")
-        keys = self.tensor_keys
-        reward_key, done_key = ("next", keys.reward), ("next", keys.done)
-        reward = read_rows(tensordict, reward_key, "float")
-        done = read_rows(tensordict, done_key, "bool")
-        traj_id = read_rows(tensordict, keys.traj_id, "int")
-        if not bool(torch.isfinite(reward).all()):
-            row = int(torch.nonzero(~torch.isfinite(reward))[0, 0])
-            raise ValueError(
-                f"key {reward_key!r} holds a non-finite reward ({float(reward[row])}) "
-                f"in trajectory {int(traj_id[row])}"
-            )
-        has_hash = self.estimator == "gigpo" or keys.state_hash in tensordict.keys(True)
+        rows = self.read_step_rows(tensordict)
         out = gigpo_advantage(
-            reward,
-            done,
-            read_rows(tensordict, keys.group_id, "int"),
-            traj_id,
-            read_rows(tensordict, keys.step, "int"),
-            read_rows(tensordict, keys.state_hash, "int") if has_hash else None,
+            *rows,
             estimator=self.estimator,
             gamma=self.gamma,
             step_advantage_weight=self.step_advantage_weight,
@@ -201,6 +224,7 @@ class GIGPOAdvantage(ValueEstimatorBase):
             eps=self.eps,
             compat=self.compat,
         )
+        keys = self.tensor_keys
         row_shape = (*tensordict.batch_size, 1)
         token_axis = self.token_axis
         if token_axis is None:
@@ -212,7 +236,8 @@ class GIGPOAdvantage(ValueEstimatorBase):
         if out.step_advantage is not None:
             tensordict.set(keys.step_advantage, out.step_advantage.reshape(row_shape))
             tensordict.set(keys.step_group_size, out.step_group_size.reshape(row_shape))
-            if self.estimator == "gigpo" and bool((out.step_group_size == 1).all()):
+            singletons = out.step_group_size == 1
+            if self.estimator == "gigpo" and singletons.numel() and bool(singletons.all()):
                 warnings.warn(
                     "GIGPOAdvantage: no anchor state repeats within its episode group in this "
                     "batch, so every step advantage is 0 and GIGPO equals GRPO here. Check that "

@@ -6,7 +6,7 @@ import torch
 from tensordict import TensorDictBase, lazy_stack
 from torchrl.envs import Transform
 
-from gigpo_torchrl.advantage.estimator import GIGPOAdvantage, read_rows
+from gigpo_torchrl.advantage.estimator import GIGPOAdvantage
 from gigpo_torchrl.functional import check_trajectories
 
 
@@ -60,35 +60,33 @@ class GIGPOTransform(Transform):
         rows = tensordict.reshape(-1)
         if rows.numel() == 0:
             return None
-        keys = self.estimator.tensor_keys
-        group_id = read_rows(rows, keys.group_id, "int")
-        traj_id = read_rows(rows, keys.traj_id, "int")
-        # Checked before queuing so that a faulty write never corrupts a queued group.
-        check_trajectories(
-            traj_id,
-            read_rows(rows, keys.step, "int"),
-            read_rows(rows, ("next", keys.done), "bool"),
-            group_id,
-        )
-        released = []
+        # Checked before queuing, so that a faulty write never corrupts a queued group.
+        step_rows = self.estimator.read_step_rows(rows)
+        group_id, traj_id = step_rows.group_id, step_rows.traj_id
+        check_trajectories(traj_id, step_rows.step, step_rows.done, group_id)
+        # Every group of the write is checked before any queue changes.
+        arrivals = []
         for group in torch.unique(group_id).tolist():
             in_group = group_id == group
             new_traj = set(torch.unique(traj_id[in_group]).tolist())
-            queued = self._queued_traj.setdefault(group, set())
-            repeated = new_traj & queued
-            if repeated:
+            queued = self._queued_traj.get(group, set())
+            if new_traj & queued:
                 raise ValueError(
-                    f"trajectory {min(repeated)} of group {group} was already written: "
-                    "write each trajectory once, whole"
+                    f"trajectory {min(new_traj & queued)} of group {group} was already "
+                    "written: write each trajectory once, whole"
                 )
             if len(queued) + len(new_traj) > self.group_size:
                 raise ValueError(
-                    f"group {group} would have {len(queued) + len(new_traj)} trajectories, more "
-                    f"than group_size={self.group_size}: give each episode group its own group_id"
+                    f"group {group} would have {len(queued) + len(new_traj)} trajectories, "
+                    f"more than group_size={self.group_size}: give each episode group its "
+                    "own group_id"
                 )
-            queued |= new_traj
+            arrivals.append((group, in_group, queued | new_traj))
+        released = []
+        for group, in_group, trajectories in arrivals:
             self._queues.setdefault(group, []).append(rows[in_group])
-            if len(queued) == self.group_size:
+            self._queued_traj[group] = trajectories
+            if len(trajectories) == self.group_size:
                 released.append(self.estimator(_cat(self._queues.pop(group))))
                 del self._queued_traj[group]
                 self.released_groups += 1

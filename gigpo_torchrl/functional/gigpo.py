@@ -244,6 +244,11 @@ def gigpo_advantage(
     check_options(estimator, gamma, step_advantage_weight, norm, eps, compat)
     if estimator == "gigpo" and state_hash is None:
         raise ValueError("estimator='gigpo' needs state_hash (the anchor state of each row)")
+    if reward.numel() == 0:
+        empty = reward.new_zeros(0)
+        has_step = state_hash is not None
+        size = group_id.new_zeros(0) if has_step else None
+        return GIGPOOutput(empty, empty, empty if has_step else None, size, empty, empty)
     layout = check_trajectories(traj_id, step, done, group_id)
     order, length = layout.order, layout.length
 
@@ -253,7 +258,7 @@ def gigpo_advantage(
     sorted_reward = reward.to(torch.float64).index_select(0, order)
     continues = torch.ones_like(order, dtype=torch.bool)
     continues[torch.cumsum(length, 0) - 1] = False
-    max_length = int(length.max()) if layout.num_trajectories else 0
+    max_length = int(length.max())
     step_return = reverse_discounted_cumsum(sorted_reward, continues, gamma, max_length)
     # A sequential sum per trajectory: equal trajectories give bit-equal returns.
     returns = torch.segment_reduce(sorted_reward, "sum", lengths=length)

@@ -1,0 +1,28 @@
+"""The README's self-contained example runs and prints what its comments say."""
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_prints_what_it_promises():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    example = blocks[0]
+    promised = re.findall(r"print\(.*\)\s+# (.*)", example)
+    assert promised, "the first README example should show its output in comments"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(example, str(README), "exec"), {})
+    assert out.getvalue().splitlines() == promised
+
+
+def test_readme_starts_with_the_two_commands():
+    lines = README.read_text().splitlines()
+    first_block = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
+    assert first_block[0].startswith("bash scripts/run.sh")
+    assert first_block[1].startswith("bash scripts/test.sh")
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "scripts/test.sh" in ci
