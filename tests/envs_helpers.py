@@ -1,0 +1,44 @@
+"""Small TextGames written for the tests, as a user would write them."""
+
+from gigpo_torchrl.envs import InvalidAction, StepResult, TextGame
+
+
+class Counter(TextGame):
+    """Count from ``seed % 3`` up to ``target``: "inc" adds one, "dec" takes one away."""
+
+    task = "Reach the target number."
+
+    def __init__(self, target: int = 3, fail_at: int | None = None):
+        self.target = target
+        self.fail_at = fail_at
+
+    def reset(self, seed: int) -> str:
+        self.n = seed % 3
+        return f"n = {self.n}"
+
+    def step(self, action: str) -> StepResult:
+        if action == "wait":
+            raise InvalidAction("waiting is not allowed")
+        self.n += 1 if action == "inc" else -1
+        if self.n == self.fail_at:
+            raise RuntimeError(f"the counter broke at {self.n}")
+        done = self.n == self.target
+        return StepResult(f"n = {self.n}", reward=float(done), terminated=done, success=done)
+
+    def admissible_actions(self) -> list[str]:
+        return ["inc", "dec", "wait"]
+
+    def state(self) -> int:
+        return self.n
+
+
+class FreeText(TextGame):
+    """A game without an action list whose state is only visible in its observation."""
+
+    def reset(self, seed: int) -> str:
+        self.words = []
+        return "Say something."
+
+    def step(self, action: str) -> StepResult:
+        self.words.append(action)
+        return StepResult(f"You said:   {' '.join(self.words)}  ", terminated=len(self.words) == 2)

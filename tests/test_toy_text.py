@@ -1,0 +1,87 @@
+"""The gymnasium toy-text environments shipped in gigpo_envs, through make_env."""
+
+import re
+from collections import deque
+
+import torch
+from tensordict import TensorDict
+
+from gigpo_torchrl.envs import make_env
+
+MOVES = {"left": (0, -1), "down": (1, 0), "right": (0, 1), "up": (-1, 0)}
+
+
+def reset(env, *seeds):
+    return env.reset(TensorDict({"seed": torch.tensor(seeds)}, [len(seeds)]))
+
+
+def play(env, td, *actions):
+    td["action_text"] = list(actions)
+    return env.step(td)["next"]
+
+
+def grid_of(observation):
+    return [line.split() for line in observation.splitlines() if not line.startswith("Legend")]
+
+
+def shortest_path(grid):
+    """BFS from P (or S) to G avoiding holes, on the rendered grid."""
+    cells = {(r, c): v for r, row in enumerate(grid) for c, v in enumerate(row)}
+    start = next(p for p, v in cells.items() if v == "P")
+    queue, seen = deque([(start, [])]), {start}
+    while queue:
+        (r, c), path = queue.popleft()
+        if cells[(r, c)] == "G":
+            return path
+        for name, (dr, dc) in MOVES.items():
+            nxt = (r + dr, c + dc)
+            if cells.get(nxt, "H") != "H" and nxt not in seen:
+                seen.add(nxt)
+                queue.append((nxt, path + [name]))
+    return None
+
+
+def test_frozenlake_maps_vary_by_seed_and_the_goal_is_reachable():
+    env = make_env("frozenlake", batch_size=4)
+    td = reset(env, 0, 1, 2, 3)
+    assert len({td["observation"][i] for i in range(4)}) > 1
+    path = shortest_path(grid_of(td["observation"][0]))
+    assert path is not None
+    out = td
+    for move in path:
+        out = play(env, out, move, "up", "up", "up")
+    assert out["success"][0].item() and out["terminated"][0].item()
+    assert out["reward"][0].item() == 1.0
+
+
+def test_frozenlake_state_includes_the_map():
+    env = make_env("frozenlake", batch_size=2)
+    td = reset(env, 0, 1)
+    # both agents stand on the start square, but of different maps
+    assert td["observation"][0] != td["observation"][1]
+    assert td["state_hash"][0] != td["state_hash"][1]
+
+
+def test_cliffwalking_revisits_and_the_cliff():
+    env = make_env("cliffwalking", batch_size=1)
+    td = reset(env, 0)
+    start = td["state_hash"].clone()
+    out = play(env, td, "up")
+    assert out["state_hash"] != start
+    out = play(env, out, "down")
+    assert out["state_hash"] == start
+    out = play(env, out, "right")  # into the cliff: -100 and back to the start
+    assert out["reward"].item() == -100.0 and out["state_hash"] == start
+    assert not out["done"].item()
+
+
+def test_taxi_renders_where_everything_is():
+    env = make_env("taxi", batch_size=1)
+    td = reset(env, 0)
+    observation = td["observation"][0]
+    rows = observation.splitlines()
+    row, col = (int(n) for n in re.search(r"row (\d), column (\d)", observation).groups())
+    assert rows[1 + row][2 * col + 1] == "T"
+    assert sum(line.count("T") for line in rows[:7]) == 1  # the map shows one taxi
+    out = play(env, td, "dropoff")  # nobody in the taxi: an illegal dropoff costs 10
+    assert out["reward"].item() == -10.0 and out["action_valid"].item()
