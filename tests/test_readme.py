@@ -19,6 +19,23 @@ def test_readme_example_prints_what_it_promises():
     assert out.getvalue().splitlines() == promised
 
 
+def test_readme_environment_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    env_blocks = [b for b in blocks if "gigpo_torchrl.envs import" in b]
+    assert len(env_blocks) == 2
+    namespace = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for block in env_blocks:
+            exec(compile(block, str(README), "exec"), namespace)
+    assert namespace["td"]["next", "action_valid"].all()
+    from gigpo_torchrl.envs import make_env
+
+    env = make_env("countdown")
+    td = env.reset()
+    td["action_text"] = ["2"]
+    assert env.step(td)["next", "observation"][0] == "2"
+
+
 def test_readme_starts_with_the_two_commands():
     lines = README.read_text().splitlines()
     first_block = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
