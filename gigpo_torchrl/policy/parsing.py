@@ -6,7 +6,8 @@ import re
 from collections.abc import Sequence
 
 _TAG = re.compile(r"<action>(.*?)(?:</action>|$)", re.IGNORECASE | re.DOTALL)
-_NUMBER = re.compile(r"^\(?#?(\d+)[.)]?$")
+_NUMBER = re.compile(r"^\(?#?(\d+)[.):]?$")
+_NUMBERED = re.compile(r"^\(?#?\d+[.):]\s*(.+)$")
 
 
 def _squash(text: str) -> str:
@@ -18,11 +19,13 @@ def parse_action(reply: str, admissible: Sequence[str] = ()) -> str:
 
     Looks, in order, for the content of the first ``<action>...</action>`` tag (a missing
     closing tag is tolerated), else the whole reply; then, when the env lists admissible
-    actions, maps it to one of them: an exact match ignoring case and spacing, or a number
-    choosing from the numbered list (``2``, ``2.``, ``(2)``). A reply that names nothing
-    admissible comes back as its stripped text, which the environment then rejects as an
-    invalid action (so the agent sees why). Without an admissible list, the stripped text is
-    the action.
+    actions, maps it to one of them, trying in order: an exact match ignoring case and
+    spacing; a number choosing from the numbered list (``2``, ``2.``, ``(2)``); a list line
+    copied whole (``2. down``: the name wins over a wrong number); the first line naming
+    exactly one admissible action as a whole word (``I go left.``). A reply that names
+    nothing admissible, or several, comes back as its stripped text, which the environment
+    then rejects as an invalid action (so the agent sees why). Without an admissible list,
+    the stripped text is the action.
 
     Args:
         reply: the model's generated text.
@@ -42,4 +45,19 @@ def parse_action(reply: str, admissible: Sequence[str] = ()) -> str:
     number = _NUMBER.match(wanted)
     if number and 1 <= int(number.group(1)) <= len(admissible):
         return admissible[int(number.group(1)) - 1]
+    # "2. down" copied from the list: the name decides (small models misnumber).
+    first_line = _squash(candidate.split("\n", 1)[0]).rstrip(".")
+    numbered = _NUMBERED.match(first_line)
+    if numbered:
+        for action in admissible:
+            if _squash(action) == numbered.group(1).rstrip("."):
+                return action
+    # One admissible action named in the first line, and no other: that one.
+    named = {
+        action
+        for action in admissible
+        if re.search(rf"(?<!\w){re.escape(_squash(action))}(?!\w)", first_line)
+    }
+    if len(named) == 1:
+        return named.pop()
     return candidate
