@@ -1,4 +1,4 @@
-"""The README's self-contained example runs and prints what its comments say."""
+"""The README's examples run and print what their comments say."""
 
 import contextlib
 import io
@@ -8,11 +8,17 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_example_prints_what_it_promises():
+def test_readme_examples_print_what_they_promise():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    example = blocks[0]
+    examples = [b for b in blocks if "print(" in b and "# " in b and "list_envs" not in b]
+    assert len(examples) == 2
+    for example in examples:
+        check_example(example)
+
+
+def check_example(example):
     promised = re.findall(r"print\(.*\)\s+# (.*)", example)
-    assert promised, "the first README example should show its output in comments"
+    assert promised, "README examples show their output in comments"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(example, str(README), "exec"), {})

@@ -58,6 +58,8 @@ class GroupCollector:
         parse: ``(reply, admissible) -> action`` (default :func:`parse_action`).
         progress: show a tqdm bar over batches.
         env_kwargs: passed to ``make_env`` when ``env`` is a name.
+        held_out: draw odd task seeds instead of even ones, so that a validation collector
+            never meets a training task.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class GroupCollector:
         parse: Callable[[str, tuple[str, ...]], str] = parse_action,
         progress: bool = False,
         env_kwargs: dict | None = None,
+        held_out: bool = False,
     ):
         self.num_groups = _positive("num_groups", num_groups)
         self.num_generations = _positive("num_generations", num_generations)
@@ -98,6 +101,7 @@ class GroupCollector:
         self.replay_buffer = replay_buffer
         self.progress = progress
         self._rng = np.random.default_rng(seed)
+        self.held_out = bool(held_out)
         self.batches_collected = 0
         self._next_traj = 0
         self.stats: dict[str, Any] = {}
@@ -145,8 +149,9 @@ class GroupCollector:
     # -- collection ----------------------------------------------------------------------
 
     def _task_seeds(self) -> torch.Tensor:
-        seeds = self._rng.choice(2**31 - 1, size=self.num_groups, replace=False)
-        return torch.as_tensor(seeds, dtype=torch.long).repeat_interleave(self.num_generations)
+        seeds = 2 * self._rng.choice(2**30 - 1, size=self.num_groups, replace=False)
+        seeds = torch.as_tensor(seeds + self.held_out, dtype=torch.long)
+        return seeds.repeat_interleave(self.num_generations)
 
     def collect(self) -> TensorDictBase:
         """Run one batch of episode groups and return its step rows."""

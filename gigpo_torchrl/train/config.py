@@ -1,0 +1,138 @@
+"""``TrainConfig``: every training option, with ms-swift's names where ms-swift has one."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+ESTIMATORS = ("grpo", "rloo", "gigpo")
+NORMS = ("std", "none")
+LOGGERS = ("csv", "tensorboard", "wandb")
+BACKENDS = ("transformers", "vllm")
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (the defaults are the README's main job).
+
+    ms-swift names: ``advantage_estimator``, ``use_gym_env``, ``gigpo_step_advantage_weight``,
+    ``num_generations``, ``beta`` (KL coefficient to the reference model; 0 skips the
+    reference model), ``max_turns`` (episode step limit; None: the env's own).
+    """
+
+    # -- algorithm (ms-swift names) --
+    advantage_estimator: str = "gigpo"
+    use_gym_env: bool = True
+    gigpo_step_advantage_weight: float = 1.0
+    num_generations: int = 4
+    beta: float = 0.0
+    max_turns: int | None = 6
+    gamma: float = 0.95
+    norm_adv: str = "std"
+    # -- environment and model --
+    env: str = "frozenlake"
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    model: str = "smollm2-135m"
+    backend: str = "transformers"
+    memory: int = 1
+    # -- rollouts --
+    num_groups: int = 2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    # -- optimisation --
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    iterations: int = 8
+    ppo_epochs: int = 1
+    mini_batch_size: int = 64
+    micro_batch_size: int = 8
+    clip_epsilon: float = 0.2
+    max_grad_norm: float = 1.0
+    lora: bool = False
+    lora_rank: int = 8
+    # -- validation, logging, checkpoints --
+    val_every: int = 4
+    val_groups: int = 4
+    val_temperature: float = 0.4
+    save_every: int = 4
+    logger: str = "csv"
+    output_dir: str = "runs"
+    run_name: str = "gigpo-smollm2-frozenlake"
+    seed: int = 0
+    resume: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad option (checked before any model loads)."""
+        from gigpo_torchrl.envs import list_envs
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"--{name} {getattr(self, name)!r} is not one of {options}")
+
+        def number(name, low=None, integer=False, allow_none=False, strict=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            kind = int if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+                what = "an integer" if integer else "a number"
+                raise ValueError(f"--{name} {value!r} must be {what}")
+            if low is not None and (value <= low if strict else value < low):
+                raise ValueError(f"--{name} {value!r} must be {'>' if strict else '>='} {low}")
+
+        choice("advantage_estimator", ESTIMATORS)
+        choice("norm_adv", NORMS)
+        choice("logger", LOGGERS)
+        choice("backend", BACKENDS)
+        number("gigpo_step_advantage_weight", 0)
+        if self.advantage_estimator == "gigpo" and (not self.use_gym_env or not self.env):
+            raise ValueError(
+                "--advantage_estimator gigpo needs an environment (--use_gym_env true and "
+                "--env NAME): its step-level advantage groups steps by environment state"
+            )
+        if not self.env.startswith("gym:") and self.env not in list_envs():
+            raise ValueError(
+                f"--env {self.env!r} is not a registered environment; known: "
+                f"{', '.join(list_envs())} (or gym:<gymnasium id>)"
+            )
+        if not isinstance(self.env_kwargs, dict):
+            raise ValueError(f"--env_kwargs {self.env_kwargs!r} must be a mapping")
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"--gamma {self.gamma!r} must be in [0, 1]")
+        for name in (
+            "num_generations",
+            "num_groups",
+            "iterations",
+            "ppo_epochs",
+            "mini_batch_size",
+            "micro_batch_size",
+            "max_new_tokens",
+            "val_every",
+            "val_groups",
+            "save_every",
+            "lora_rank",
+        ):
+            number(name, 1, integer=True)
+        number("max_turns", 1, integer=True, allow_none=True)
+        number("memory", 0, integer=True)
+        number("seed", 0, integer=True)
+        number("beta", 0)
+        number("learning_rate", 0, strict=True)
+        number("weight_decay", 0)
+        number("clip_epsilon", 0, strict=True)
+        number("max_grad_norm", 0, strict=True)
+        number("temperature", 0)
+        number("val_temperature", 0)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p {self.top_p!r} must be in (0, 1]")
+        if not self.run_name or "/" in self.run_name:
+            raise ValueError(f"--run_name {self.run_name!r} must be a plain folder name")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -1,0 +1,416 @@
+"""``Trainer``: collect → GIGPO advantage → GRPOLoss (+ KL to a reference) → AdamW, repeated."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tensordict import TensorDict, TensorDictBase, lazy_stack
+from torchrl.modules.llm import TransformersWrapper
+from torchrl.objectives.llm import GRPOLoss
+from torchrl.record.loggers import get_logger
+from tqdm.auto import tqdm
+
+from gigpo_torchrl.advantage import GIGPOAdvantage
+from gigpo_torchrl.collector import GroupCollector
+from gigpo_torchrl.policy import LLMPolicy, PromptBuilder, load_model
+from gigpo_torchrl.train.config import TrainConfig
+from gigpo_torchrl.train.curves import plot_curves
+
+# Scalars logged per iteration, in this order (validation adds val_success_rate/val_mean_return).
+METRICS = (
+    "env_steps",
+    "success_rate",
+    "mean_return",
+    "mean_episode_length",
+    "invalid_action_rate",
+    "singleton_fraction",
+    "step_group_size_mean",
+    "loss",
+    "kl_to_ref",
+    "kl_to_behaviour",
+    "clip_fraction",
+    "entropy",
+    "grad_norm",
+    "tokens_generated",
+    "time_rollout",
+    "time_advantage",
+    "time_update",
+)
+
+
+def _scoring_wrapper(model, tokenizer) -> TransformersWrapper:
+    """Teacher-forced log-probs of ``("tokens", "full")``, ragged (the training actor)."""
+    return TransformersWrapper(
+        model,
+        tokenizer=tokenizer,
+        input_mode="tokens",
+        generate=False,
+        return_log_probs=True,
+        pad_output=False,
+    )
+
+
+class Trainer:
+    """Trains ``config.model`` on ``config.env`` with GIGPO (or GRPO/RLOO).
+
+    One iteration: the collector plays ``num_groups`` tasks × ``num_generations``
+    trajectories; ``GIGPOAdvantage`` scores every step; torchrl's ``GRPOLoss`` (``"sft"``
+    masking: each step's own reply tokens; token-mean; clipped ratio; plus ``beta`` × KL to a
+    frozen copy of the initial model when ``beta > 0``) is minimised with AdamW over
+    ``ppo_epochs`` passes of ``mini_batch_size`` rows, accumulating gradients over
+    ``micro_batch_size`` rows at a time.
+
+    Everything goes to ``output_dir/run_name/``: ``config.yaml``, ``metrics.jsonl`` (one
+    record per iteration and validation), torchrl logger scalars (CSV by default),
+    ``curves.png`` (rewritten at each validation), ``checkpoint.pt`` (model, optimizer, RNG
+    and task-sampler state: ``resume=True`` continues exactly where it stopped) and, at the
+    end, ``model/`` (``save_pretrained``: the trained model and tokenizer, or LoRA adapter).
+    """
+
+    def __init__(self, config: TrainConfig):
+        config.validate()
+        if config.backend != "transformers":
+            raise ValueError(
+                f"--backend {config.backend!r}: the trainer rolls out with transformers for "
+                "now (vLLM weight sync is not implemented); use make_policy(backend='vllm') "
+                "for inference"
+            )
+        self.config = config
+        self.run_dir = Path(config.output_dir) / config.run_name
+        self.checkpoint_path = self.run_dir / "checkpoint.pt"
+        if config.resume and not self.checkpoint_path.exists():
+            raise ValueError(f"--resume: there is no checkpoint at {self.checkpoint_path}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not config.resume:
+            for stale in ("metrics.jsonl", "checkpoint.pt", "curves.png"):
+                (self.run_dir / stale).unlink(missing_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        self._seed_everything(config.seed)
+
+        model, tokenizer = load_model(config.model, seed=config.seed)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.reference = None
+        if config.beta > 0:
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference = _scoring_wrapper(reference, tokenizer)
+        if config.lora:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=2 * config.lora_rank,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+        self.model, self.tokenizer = model, tokenizer
+        sampling = dict(max_new_tokens=config.max_new_tokens, forbid_special=config.model == "tiny")
+        self.policy = LLMPolicy(
+            model, tokenizer, temperature=config.temperature, top_p=config.top_p, **sampling
+        )
+        self.val_policy = LLMPolicy(
+            model, tokenizer, temperature=config.val_temperature, **sampling
+        )
+        prompts = PromptBuilder(memory=config.memory)
+        self.collector = GroupCollector(
+            config.env,
+            self.policy,
+            num_groups=config.num_groups,
+            num_generations=config.num_generations,
+            max_steps=config.max_turns,
+            seed=config.seed,
+            prompt_builder=prompts,
+            env_kwargs=config.env_kwargs,
+        )
+        # A fixed held-out task set: same seeds at every validation, never a training task.
+        self.val_collector = GroupCollector(
+            config.env,
+            self.val_policy,
+            num_groups=config.val_groups,
+            num_generations=1,
+            max_steps=config.max_turns,
+            seed=config.seed,
+            prompt_builder=prompts,
+            env_kwargs=config.env_kwargs,
+            held_out=True,
+        )
+        self._val_sampler = self.val_collector.state_dict()
+        self.loss = GRPOLoss(
+            _scoring_wrapper(model, tokenizer),
+            clip_epsilon=config.clip_epsilon,
+            masking_strategy="sft",
+            aggregation="token_mean",
+            kl_to_ref_coeff=config.beta if config.beta > 0 else None,
+            entropy_bonus=False,
+        )
+        self.loss.make_value_estimator(
+            GIGPOAdvantage(
+                config.advantage_estimator,
+                gamma=config.gamma,
+                step_advantage_weight=config.gigpo_step_advantage_weight,
+                norm=config.norm_adv,
+            )
+        )
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+        )
+        self._resume_state = (
+            torch.load(self.checkpoint_path, weights_only=False) if config.resume else None
+        )
+        self.logger = get_logger(
+            config.logger,
+            logger_name=str(config.output_dir),
+            experiment_name=config.run_name,
+            state_dict=self._resume_state["logger"] if self._resume_state else None,
+        )
+        self.iteration = 0
+        self.env_steps = 0
+        self.history: list[dict] = []
+        self.last_batch: TensorDictBase | None = None
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def train(self) -> list[dict]:
+        """Run the remaining iterations; returns the metric records."""
+        config = self.config
+        if config.resume:
+            self.load_checkpoint()
+        bar = tqdm(
+            range(self.iteration, config.iterations),
+            desc="gigpo-train",
+            initial=self.iteration,
+            total=config.iterations,
+        )
+        for _ in bar:
+            record = self.train_iteration()
+            bar.set_postfix(
+                success=f"{record['success_rate']:.2f}",
+                ret=f"{record['mean_return']:.2f}",
+                loss=f"{record['loss']:.3f}",
+            )
+            last = self.iteration == config.iterations
+            if self.iteration % config.val_every == 0 or last:
+                val = self.validate()
+                bar.write(
+                    f"iteration {self.iteration}: validation success "
+                    f"{val['val_success_rate']:.2f}, return {val['val_mean_return']:.2f}"
+                )
+                plot_curves(self.history, self.run_dir / "curves.png")
+            if self.iteration % config.save_every == 0 or last:
+                self.save_checkpoint()
+        self._warn_if_no_anchor_repeated()
+        self.model.save_pretrained(self.run_dir / "model")
+        self.tokenizer.save_pretrained(self.run_dir / "model")
+        self.collector.shutdown()
+        self.val_collector.shutdown()
+        return self.history
+
+    def train_iteration(self) -> dict:
+        """Collect one batch, compute advantages, update the model; returns the record."""
+        config = self.config
+        start = time.perf_counter()
+        batch = self.collector.collect()
+        stats = dict(self.collector.stats)
+        rollout_done = time.perf_counter()
+        if self.reference is not None:
+            self._add_reference_log_probs(batch)
+        with warnings.catch_warnings():
+            # the trainer reports inactive step credit itself, with the singleton fraction
+            warnings.filterwarnings("ignore", message=".*no anchor state repeats")
+            batch = self.loss.value_estimator(batch)
+        advantage_done = time.perf_counter()
+        update = self._update(batch)
+        self.iteration += 1
+        self.env_steps += stats["steps"]
+        self.last_batch = batch
+        if (
+            self.iteration == 1
+            and config.advantage_estimator == "gigpo"
+            and stats["singleton_fraction"] == 1.0
+        ):
+            tqdm.write(
+                "warning: no environment state repeated within any group in the first batch "
+                "(singleton fraction 1.00): GIGPO's step-level credit is inactive and it "
+                "equals GRPO until states recur"
+            )
+        sizes = torch.tensor(stats["step_group_size_histogram"], dtype=torch.float)
+        record = {
+            "iteration": self.iteration,
+            "env_steps": self.env_steps,
+            **{
+                k: stats[k]
+                for k in (
+                    "success_rate",
+                    "mean_return",
+                    "mean_episode_length",
+                    "invalid_action_rate",
+                    "singleton_fraction",
+                    "tokens_generated",
+                )
+            },
+            "step_group_size_mean": float((sizes * torch.arange(len(sizes))).sum() / sizes.sum()),
+            "step_group_size_histogram": stats["step_group_size_histogram"],
+            **update,
+            "entropy": self._sampled_entropy(batch),
+            "time_rollout": rollout_done - start,
+            "time_advantage": advantage_done - rollout_done,
+            "time_update": time.perf_counter() - advantage_done,
+        }
+        self._log(record)
+        return record
+
+    def _update(self, batch: TensorDictBase) -> dict:
+        """PPO epochs of clipped-ratio steps; returns mean loss, KLs, clip fraction, grad norm."""
+        config, model = self.config, self.model
+        model.train()
+        sums = {
+            "loss": 0.0,
+            "kl_to_ref": 0.0,
+            "kl_to_behaviour": 0.0,
+            "clip_fraction": 0.0,
+            "grad_norm": 0.0,
+        }
+        micro_steps = optimizer_steps = 0
+        rows = batch.shape[0]
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(rows)
+            for mini in order.split(config.mini_batch_size):
+                self.optimizer.zero_grad()
+                for micro in mini.split(config.micro_batch_size):
+                    out = self.loss(batch[micro])
+                    loss = out.loss_objective
+                    if out.loss_kl_to_ref is not None:
+                        loss = loss + out.loss_kl_to_ref
+                        sums["kl_to_ref"] += float(out.kl_to_ref)
+                    # token-mean per micro-batch, weighted by its share of the mini-batch
+                    (loss * (len(micro) / len(mini))).backward()
+                    sums["loss"] += float(loss.detach())
+                    sums["kl_to_behaviour"] += float(out.kl_approx)
+                    sums["clip_fraction"] += float(out.clip_fraction)
+                    micro_steps += 1
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
+                )
+                sums["grad_norm"] += float(norm)
+                self.optimizer.step()
+                optimizer_steps += 1
+        model.eval()
+        means = {k: v / micro_steps for k, v in sums.items() if k != "grad_norm"}
+        means["grad_norm"] = sums["grad_norm"] / optimizer_steps
+        return means
+
+    @torch.no_grad()
+    def _add_reference_log_probs(self, batch: TensorDictBase) -> None:
+        """Store the frozen reference model's log-probs where GRPOLoss reads them."""
+        full = batch.get(("tokens", "full"), as_list=True)
+        scored = self.reference(
+            lazy_stack([TensorDict({("tokens", "full"): t}) for t in full]),
+            tensordict_out=lazy_stack([TensorDict() for _ in full]),
+        )
+        for row, log_probs in zip(
+            batch.tensordicts, scored.get(("log_probs", "full"), as_list=True), strict=True
+        ):
+            row.set(("next", "ref_log_probs", "full"), log_probs)
+
+    @staticmethod
+    def _sampled_entropy(batch: TensorDictBase) -> float:
+        """Mean −log π of the sampled reply tokens: an estimate of the policy's entropy on
+        its own replies (masked to reply tokens, unlike torchrl's logged entropy)."""
+        log_probs = torch.cat(batch.get(("log_probs", "full"), as_list=True))
+        return float(-log_probs[~torch.isnan(log_probs)].mean())
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Success rate and mean return on the held-out tasks at ``val_temperature``."""
+        self.val_collector.load_state_dict(self._val_sampler)
+        self.val_collector.collect()
+        stats = self.val_collector.stats
+        record = {
+            "iteration": self.iteration,
+            "env_steps": self.env_steps,
+            "val_success_rate": stats["success_rate"],
+            "val_mean_return": stats["mean_return"],
+        }
+        self._log(record)
+        return record
+
+    # -- logging and checkpoints ---------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        with open(self.run_dir / "metrics.jsonl", "a") as out:
+            out.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if (
+                isinstance(value, int | float)
+                and key not in ("iteration",)
+                and math.isfinite(value)
+            ):
+                self.logger.log_scalar(key, value, step=self.iteration)
+
+    def _warn_if_no_anchor_repeated(self) -> None:
+        fractions = [r["singleton_fraction"] for r in self.history if "singleton_fraction" in r]
+        if self.config.advantage_estimator == "gigpo" and fractions and min(fractions) == 1.0:
+            tqdm.write(
+                f"warning: across {len(fractions)} iterations no state ever repeated within a "
+                "group (singleton fraction 1.00): step-level credit was inactive and this "
+                "run was GRPO. Check the environment's state hashing."
+            )
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt`` atomically (a killed save leaves the previous one)."""
+        state = {
+            "iteration": self.iteration,
+            "env_steps": self.env_steps,
+            "model": self.model.state_dict(),
+            "logger": self.logger.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "collector": self.collector.state_dict(),
+            "history": self.history,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> None:
+        """Restore everything ``save_checkpoint`` wrote."""
+        state = self._resume_state
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.collector.load_state_dict(state["collector"])
+        self.iteration = state["iteration"]
+        self.env_steps = state["env_steps"]
+        self.history = state["history"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # records written after the checkpoint by the interrupted run are dropped
+        with open(self.run_dir / "metrics.jsonl", "w") as out:
+            out.writelines(json.dumps(record) + "\n" for record in self.history)
+        tqdm.write(f"resumed {self.run_dir} at iteration {self.iteration}")

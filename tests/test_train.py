@@ -1,0 +1,256 @@
+"""The trainer and gigpo-train: end to end with the tiny model, resume, CLI validation."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from gigpo_torchrl.train import TrainConfig, Trainer
+from gigpo_torchrl.train.cli import FIELDS, build_parser, main, parse_config
+
+
+def tiny_config(tmp_path, **overrides) -> TrainConfig:
+    options = dict(
+        model="tiny",
+        env="sokoban",
+        iterations=2,
+        num_groups=2,
+        num_generations=2,
+        max_turns=3,
+        val_every=1,
+        save_every=1,
+        val_groups=2,
+        max_new_tokens=4,
+        output_dir=str(tmp_path),
+        run_name="run",
+        micro_batch_size=4,
+    )
+    return TrainConfig(**(options | overrides))
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_a_short_run_writes_metrics_curves_and_a_checkpoint(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path))
+    history = trainer.train()
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records == history
+    train = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in train] == [1, 2]
+    for key in (
+        "success_rate",
+        "mean_return",
+        "invalid_action_rate",
+        "singleton_fraction",
+        "step_group_size_histogram",
+        "clip_fraction",
+        "entropy",
+        "time_rollout",
+        "time_update",
+        "tokens_generated",
+    ):
+        assert key in train[0]
+    assert train[1]["env_steps"] == 2 * train[0]["env_steps"] == 24
+    assert sum(1 for r in records if "val_success_rate" in r) == 2
+    assert (run / "curves.png").stat().st_size > 10_000
+    assert (run / "checkpoint.pt").exists() and (run / "model" / "config.json").exists()
+    assert (run / "scalars" / "loss.csv").exists()  # torchrl's CSV logger
+    assert yaml.safe_load((run / "config.yaml").read_text())["env"] == "sokoban"
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    straight = Trainer(tiny_config(tmp_path / "a"))
+    straight.train()
+    first = Trainer(tiny_config(tmp_path / "b", iterations=1))
+    first.train()
+    resumed = Trainer(tiny_config(tmp_path / "b", iterations=2, resume=True))
+    resumed.train()
+    a, b = straight.last_batch, resumed.last_batch
+    assert a["observation"] == b["observation"]
+    for x, y in zip(
+        a.get(("tokens", "full"), as_list=True),
+        b.get(("tokens", "full"), as_list=True),
+        strict=True,
+    ):
+        assert torch.equal(x, y)
+    wa, wb = weights(straight.model), weights(resumed.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [1, 1, 2, 2]
+
+
+def test_kl_to_reference_only_when_beta_is_positive(tmp_path):
+    with_kl = Trainer(tiny_config(tmp_path, beta=0.1, iterations=1))
+    assert with_kl.reference is not None
+    record = with_kl.train_iteration()
+    assert record["kl_to_ref"] >= 0 and (
+        "next",
+        "ref_log_probs",
+        "full",
+    ) in with_kl.last_batch.keys(True)
+    without = Trainer(tiny_config(tmp_path, beta=0.0, iterations=1, run_name="nokl"))
+    assert without.reference is None
+    assert without.train_iteration()["kl_to_ref"] == 0.0
+
+
+def test_zero_step_weight_reproduces_grpo_exactly(tmp_path):
+    def one_iteration(run_name, **options):
+        trainer = Trainer(tiny_config(tmp_path, iterations=1, run_name=run_name, **options))
+        record = trainer.train_iteration()
+        return record, weights(trainer.model), trainer.last_batch
+
+    grpo, w_grpo, b_grpo = one_iteration("grpo", advantage_estimator="grpo")
+    zero, w_zero, _ = one_iteration("zero", gigpo_step_advantage_weight=0.0)
+    full, w_full, b_full = one_iteration("full", gigpo_step_advantage_weight=1.0)
+    assert zero["loss"] == grpo["loss"]
+    assert all(torch.equal(w_zero[k], w_grpo[k]) for k in w_grpo)
+    # same rollouts, different credit: the step term is the only difference
+    assert b_full["observation"] == b_grpo["observation"]
+    step_term = b_full["advantage"] - b_grpo["advantage"]
+    torch.testing.assert_close(step_term.reshape(-1), b_full["step_advantage"].reshape(-1))
+    assert full["loss"] != grpo["loss"]
+
+
+def test_lora_trains_only_the_adapter(tmp_path):
+    pytest.importorskip("peft")
+    trainer = Trainer(tiny_config(tmp_path, lora=True, lora_rank=2, iterations=1))
+    base = {k: v.clone() for k, v in trainer.model.named_parameters() if not v.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(v, after[k]) for k, v in base.items())
+    assert (tmp_path / "run" / "model" / "adapter_config.json").exists()
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+SAMPLE = {
+    "advantage_estimator": "rloo",
+    "use_gym_env": "false",
+    "gigpo_step_advantage_weight": "0.8",
+    "num_generations": "3",
+    "beta": "0.04",
+    "max_turns": "7",
+    "gamma": "0.9",
+    "norm_adv": "none",
+    "env": "taxi",
+    "env_kwargs": "{}",
+    "model": "tiny",
+    "backend": "transformers",
+    "memory": "0",
+    "num_groups": "5",
+    "temperature": "0.7",
+    "top_p": "0.9",
+    "max_new_tokens": "12",
+    "learning_rate": "0.001",
+    "weight_decay": "0.01",
+    "iterations": "3",
+    "ppo_epochs": "2",
+    "mini_batch_size": "32",
+    "micro_batch_size": "4",
+    "clip_epsilon": "0.3",
+    "max_grad_norm": "0.5",
+    "lora": "true",
+    "lora_rank": "4",
+    "val_every": "2",
+    "val_groups": "3",
+    "val_temperature": "0.2",
+    "save_every": "3",
+    "logger": "tensorboard",
+    "output_dir": "out",
+    "run_name": "r",
+    "seed": "7",
+    "resume": "true",
+}
+
+
+def test_every_flag_is_real_and_reaches_the_config():
+    assert set(SAMPLE) == set(FIELDS), "add new options to SAMPLE"
+    argv = [token for name, value in SAMPLE.items() for token in (f"--{name}", value)]
+    config = parse_config(argv)
+    expected = TrainConfig(
+        advantage_estimator="rloo",
+        use_gym_env=False,
+        gigpo_step_advantage_weight=0.8,
+        num_generations=3,
+        beta=0.04,
+        max_turns=7,
+        gamma=0.9,
+        norm_adv="none",
+        env="taxi",
+        env_kwargs={},
+        model="tiny",
+        backend="transformers",
+        memory=0,
+        num_groups=5,
+        temperature=0.7,
+        top_p=0.9,
+        max_new_tokens=12,
+        learning_rate=0.001,
+        weight_decay=0.01,
+        iterations=3,
+        ppo_epochs=2,
+        mini_batch_size=32,
+        micro_batch_size=4,
+        clip_epsilon=0.3,
+        max_grad_norm=0.5,
+        lora=True,
+        lora_rank=4,
+        val_every=2,
+        val_groups=3,
+        val_temperature=0.2,
+        save_every=3,
+        logger="tensorboard",
+        output_dir="out",
+        run_name="r",
+        seed=7,
+        resume=True,
+    )
+    assert config == expected
+    assert parse_config(["--resume"]).resume is True
+    assert parse_config(["--env_kwargs", '{"num_boxes": 2}', "--env", "sokoban"]).env_kwargs == {
+        "num_boxes": 2
+    }
+
+
+def test_yaml_config_with_flags_winning(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("env: taxi\nnum_generations: 6\nbeta: 0.02\n")
+    config = parse_config(["--config", str(path), "--num_generations", "3"])
+    assert (config.env, config.num_generations, config.beta) == ("taxi", 3, 0.02)
+    path.write_text("env: taxi\nnum_generation: 6\n")
+    with pytest.raises(ValueError, match=r"unknown options \['num_generation'\]"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--use_gym_env", "false"], "gigpo needs an environment"),
+        (["--gigpo_step_advantage_weight", "-0.5"], "gigpo_step_advantage_weight -0.5"),
+        (["--env", "chess"], "'chess' is not a registered environment; known: .*sokoban"),
+        (["--advantage_estimator", "ppo"], "advantage_estimator 'ppo' is not one of"),
+        (["--num_generations", "0"], "num_generations 0"),
+        (["--gamma", "2"], "gamma 2.0"),
+    ],
+)
+def test_bad_options_fail_before_any_model_loads(argv, message, capsys, monkeypatch):
+    import gigpo_torchrl.policy.models as models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before validation")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    with pytest.raises(ValueError, match=message):
+        parse_config(argv)
+    assert main(argv) == 2
+    assert "gigpo-train: error:" in capsys.readouterr().err
+
+
+def test_unknown_flag_is_rejected():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--gigpo_weight", "1"])
