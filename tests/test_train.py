@@ -236,6 +236,7 @@ def test_yaml_config_with_flags_winning(tmp_path):
         (["--advantage_estimator", "ppo"], "advantage_estimator 'ppo' is not one of"),
         (["--num_generations", "0"], "num_generations 0"),
         (["--gamma", "2"], "gamma 2.0"),
+        (["--backend", "vllm", "--lora"], "--lora with --backend vllm"),
     ],
 )
 def test_bad_options_fail_before_any_model_loads(argv, message, capsys, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 from tensordict import TensorDict, TensorDictBase, lazy_stack
 from tensordict.nn import TensorDictModuleBase
@@ -109,6 +111,22 @@ class LLMPolicy(TensorDictModuleBase):
         # A fresh output TensorDict: in-place scoring would drop the prompt tokens (pitfall 6).
         out = self.scorer(batch, tensordict_out=lazy_stack([TensorDict() for _ in full_tokens]))
         return out.get(("log_probs", "full"), as_list=True)
+
+    @torch.no_grad()
+    def sync_sampler_weights(self) -> None:
+        """Copy ``model``'s weights into a vLLM sampler after an update (no-op without one).
+
+        Uses torchrl's direct vLLM weight loading; requires a GPU (not exercised on CPU CI).
+        """
+        if self.sampler is None:
+            return
+        from torchrl.weight_update.llm import VLLMDoubleBufferSyncScheme
+
+        with tempfile.TemporaryDirectory() as scratch:
+            receiver = VLLMDoubleBufferSyncScheme(remote_addr=scratch).create_receiver(
+                self.sampler.model
+            )
+            receiver.apply_weights(TensorDict(dict(self.model.state_dict()), []))
 
     @torch.no_grad()
     def generate(self, prompt_tokens: list[torch.Tensor]) -> tuple[list, list]:

@@ -12,10 +12,9 @@ from gigpo_torchrl.policy.models import default_cache_dir, load_model
 BACKENDS = ("transformers", "vllm")
 
 
-def _vllm_sampler(model: str, tokenizer, generate_kwargs: dict):
-    """A torchrl ``vLLMWrapper`` serving the checkpoint behind ``model`` (GPU only)."""
+def vllm_engine(model: str):
+    """A ``vllm.LLM`` serving the checkpoint behind ``model`` (GPU only; untested on CPU CI)."""
     try:
-        from torchrl.modules.llm import vLLMWrapper
         from vllm import LLM
     except ImportError as error:
         raise ValueError(
@@ -27,7 +26,13 @@ def _vllm_sampler(model: str, tokenizer, generate_kwargs: dict):
         raise ValueError("backend='vllm' needs a checkpoint: model='smollm2-135m' or a path")
     path = default_cache_dir() / "smollm2-135m-instruct" if model == "smollm2-135m" else model
     # Leave half of the GPU to the training model that shares it.
-    llm = LLM(model=str(Path(path)), gpu_memory_utilization=0.5)
+    return LLM(model=str(Path(path)), gpu_memory_utilization=0.5)
+
+
+def vllm_sampler(llm, tokenizer, generate_kwargs: dict):
+    """torchrl's ``vLLMWrapper`` generating from ``("tokens", "prompt")`` with ``llm``."""
+    from torchrl.modules.llm import vLLMWrapper
+
     kwargs = {k: v for k, v in generate_kwargs.items() if k != "bad_words_ids"}
     return vLLMWrapper(
         llm,
@@ -73,6 +78,6 @@ def make_policy(
     # Built first to validate the settings and to derive the generation kwargs.
     policy = LLMPolicy(hf_model, tokenizer, forbid_special=model == "tiny", **policy_kwargs)
     if backend == "vllm":
-        sampler = _vllm_sampler(model, tokenizer, policy.generate_kwargs)
+        sampler = vllm_sampler(vllm_engine(model), tokenizer, policy.generate_kwargs)
         policy = LLMPolicy(hf_model, tokenizer, sampler=sampler, **policy_kwargs)
     return policy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,12 @@ BACKENDS = ("transformers", "vllm")
 
 @dataclass
 class TrainConfig:
-    """Options of a training run (the defaults are the README's main job).
+    """Options of a training run.
+
+    The defaults are the README's main job, sized for a 2-core CPU (about 15 minutes):
+    SmolLM2-135M-Instruct on FrozenLake, 2 maps × 4 attempts per iteration, no prompt
+    memory (the lake is fully visible), no reference model. For real runs raise
+    ``num_groups``, ``num_generations`` (the paper uses 8), ``iterations`` and ``memory``.
 
     ms-swift names: ``advantage_estimator``, ``use_gym_env``, ``gigpo_step_advantage_weight``,
     ``num_generations``, ``beta`` (KL coefficient to the reference model; 0 skips the
@@ -28,7 +34,7 @@ class TrainConfig:
     gigpo_step_advantage_weight: float = 1.0
     num_generations: int = 4
     beta: float = 0.0
-    max_turns: int | None = 6
+    max_turns: int | None = 8
     gamma: float = 0.95
     norm_adv: str = "std"
     # -- environment and model --
@@ -36,16 +42,16 @@ class TrainConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     model: str = "smollm2-135m"
     backend: str = "transformers"
-    memory: int = 1
+    memory: int = 0
     # -- rollouts --
     num_groups: int = 2
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8
     # -- optimisation --
-    learning_rate: float = 2e-5
+    learning_rate: float = 1e-5
     weight_decay: float = 0.0
-    iterations: int = 8
+    iterations: int = 7
     ppo_epochs: int = 1
     mini_batch_size: int = 64
     micro_batch_size: int = 8
@@ -128,6 +134,15 @@ class TrainConfig:
         number("val_temperature", 0)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p {self.top_p!r} must be in (0, 1]")
+        if self.lora and importlib.util.find_spec("peft") is None:
+            raise ValueError("--lora needs peft: pip install 'gigpo-torchrl[lora]'")
+        if self.backend == "vllm":
+            if self.lora:
+                raise ValueError(
+                    "--lora with --backend vllm is not supported: vLLM needs full weights"
+                )
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError("--backend vllm needs vLLM: pip install 'gigpo-torchrl[vllm]'")
         if not self.run_name or "/" in self.run_name:
             raise ValueError(f"--run_name {self.run_name!r} must be a plain folder name")
 

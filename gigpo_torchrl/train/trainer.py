@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from gigpo_torchrl.advantage import GIGPOAdvantage
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, PromptBuilder, load_model
+from gigpo_torchrl.policy.factory import vllm_engine, vllm_sampler
 from gigpo_torchrl.train.config import TrainConfig
 from gigpo_torchrl.train.curves import plot_curves
 
@@ -79,12 +80,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         config.validate()
-        if config.backend != "transformers":
-            raise ValueError(
-                f"--backend {config.backend!r}: the trainer rolls out with transformers for "
-                "now (vLLM weight sync is not implemented); use make_policy(backend='vllm') "
-                "for inference"
-            )
         self.config = config
         self.run_dir = Path(config.output_dir) / config.run_name
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
@@ -121,6 +116,11 @@ class Trainer:
         self.val_policy = LLMPolicy(
             model, tokenizer, temperature=config.val_temperature, **sampling
         )
+        if config.backend == "vllm":
+            # one vLLM engine generates for both; the transformers model trains and scores
+            llm = vllm_engine(config.model)
+            for policy in (self.policy, self.val_policy):
+                policy.sampler = vllm_sampler(llm, tokenizer, policy.generate_kwargs)
         prompts = PromptBuilder(memory=config.memory)
         self.collector = GroupCollector(
             config.env,
@@ -307,6 +307,7 @@ class Trainer:
                 self.optimizer.step()
                 optimizer_steps += 1
         model.eval()
+        self.policy.sync_sampler_weights()
         means = {k: v / micro_steps for k, v in sums.items() if k != "grad_norm"}
         means["grad_norm"] = sums["grad_norm"] / optimizer_steps
         return means
