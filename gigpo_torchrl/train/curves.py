@@ -30,6 +30,8 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
             if points:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, style, label=label)
+        if title.endswith("rate"):
+            ax.set_ylim(-0.05, 1.05)  # rates: the whole range, so a flat line reads as such
         ax.set_title(title)
         ax.set_xlabel("environment steps")
         ax.grid(alpha=0.3)
