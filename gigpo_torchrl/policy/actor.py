@@ -10,6 +10,35 @@ from tensordict.nn import TensorDictModuleBase
 from torchrl.modules.llm import TransformersWrapper
 
 
+def scoring_wrapper(model, tokenizer) -> TransformersWrapper:
+    """torchrl's wrapper computing teacher-forced log-probs of ``("tokens", "full")`` rows.
+
+    Ragged rows stay unpadded (``pad_output=False``): padded output misaligns the "sft" mask
+    of rows with different prompt lengths. This is also the actor ``GRPOLoss`` trains.
+    """
+    return TransformersWrapper(
+        model,
+        tokenizer=tokenizer,
+        input_mode="tokens",
+        generate=False,
+        return_log_probs=True,
+        pad_output=False,
+    )
+
+
+@torch.no_grad()
+def score_tokens(wrapper: TransformersWrapper, full_tokens: list[torch.Tensor]) -> list:
+    """Log-probs of every token of each sequence under ``wrapper`` (a :func:`scoring_wrapper`).
+
+    Returns:
+        One float tensor per sequence, as long as it (0 at position 0).
+    """
+    batch = lazy_stack([TensorDict({("tokens", "full"): t}) for t in full_tokens])
+    # A fresh output TensorDict: in-place scoring would drop the prompt tokens (pitfall 6).
+    out = wrapper(batch, tensordict_out=lazy_stack([TensorDict() for _ in full_tokens]))
+    return out.get(("log_probs", "full"), as_list=True)
+
+
 class LLMPolicy(TensorDictModuleBase):
     """Samples one reply per prompt and scores it by teacher forcing.
 
@@ -84,14 +113,7 @@ class LLMPolicy(TensorDictModuleBase):
             generate_kwargs["bad_words_ids"] = [[i] for i in sorted(special)]
         self.generate_kwargs = generate_kwargs
         self.sampler = sampler
-        self.scorer = TransformersWrapper(
-            model,
-            tokenizer=tokenizer,
-            input_mode="tokens",
-            pad_output=False,
-            generate=False,
-            return_log_probs=True,
-        )
+        self.scorer = scoring_wrapper(model, tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -107,10 +129,7 @@ class LLMPolicy(TensorDictModuleBase):
     @torch.no_grad()
     def score(self, full_tokens: list[torch.Tensor]) -> list[torch.Tensor]:
         """Teacher-forced log-probs of each full sequence, as the training loss computes them."""
-        batch = lazy_stack([TensorDict({("tokens", "full"): t}) for t in full_tokens])
-        # A fresh output TensorDict: in-place scoring would drop the prompt tokens (pitfall 6).
-        out = self.scorer(batch, tensordict_out=lazy_stack([TensorDict() for _ in full_tokens]))
-        return out.get(("log_probs", "full"), as_list=True)
+        return score_tokens(self.scorer, full_tokens)
 
     @torch.no_grad()
     def sync_sampler_weights(self) -> None:

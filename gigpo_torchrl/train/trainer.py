@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tensordict import TensorDict, TensorDictBase, lazy_stack
-from torchrl.modules.llm import TransformersWrapper
+from tensordict import TensorDictBase
 from torchrl.objectives.llm import GRPOLoss
 from torchrl.record.loggers import get_logger
 from tqdm.auto import tqdm
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from gigpo_torchrl.advantage import GIGPOAdvantage
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, PromptBuilder, load_model
+from gigpo_torchrl.policy.actor import score_tokens, scoring_wrapper
 from gigpo_torchrl.policy.factory import vllm_engine, vllm_sampler
 from gigpo_torchrl.train.config import TrainConfig
 from gigpo_torchrl.train.curves import plot_curves
@@ -47,18 +47,6 @@ METRICS = (
     "time_advantage",
     "time_update",
 )
-
-
-def _scoring_wrapper(model, tokenizer) -> TransformersWrapper:
-    """Teacher-forced log-probs of ``("tokens", "full")``, ragged (the training actor)."""
-    return TransformersWrapper(
-        model,
-        tokenizer=tokenizer,
-        input_mode="tokens",
-        generate=False,
-        return_log_probs=True,
-        pad_output=False,
-    )
 
 
 class Trainer:
@@ -97,7 +85,7 @@ class Trainer:
         self.reference = None
         if config.beta > 0:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
-            self.reference = _scoring_wrapper(reference, tokenizer)
+            self.reference = scoring_wrapper(reference, tokenizer)
         if config.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -146,7 +134,7 @@ class Trainer:
         )
         self._val_sampler = self.val_collector.state_dict()
         self.loss = GRPOLoss(
-            _scoring_wrapper(model, tokenizer),
+            scoring_wrapper(model, tokenizer),
             clip_epsilon=config.clip_epsilon,
             masking_strategy="sft",
             aggregation="token_mean",
@@ -315,14 +303,8 @@ class Trainer:
     @torch.no_grad()
     def _add_reference_log_probs(self, batch: TensorDictBase) -> None:
         """Store the frozen reference model's log-probs where GRPOLoss reads them."""
-        full = batch.get(("tokens", "full"), as_list=True)
-        scored = self.reference(
-            lazy_stack([TensorDict({("tokens", "full"): t}) for t in full]),
-            tensordict_out=lazy_stack([TensorDict() for _ in full]),
-        )
-        for row, log_probs in zip(
-            batch.tensordicts, scored.get(("log_probs", "full"), as_list=True), strict=True
-        ):
+        scored = score_tokens(self.reference, batch.get(("tokens", "full"), as_list=True))
+        for row, log_probs in zip(batch.tensordicts, scored, strict=True):
             row.set(("next", "ref_log_probs", "full"), log_probs)
 
     @staticmethod
