@@ -256,10 +256,7 @@ def gigpo_advantage(
     # trajectory values spread to rows by repeat_interleave instead of random gathers;
     # the results go back to the input order at the end.
     sorted_reward = reward.to(torch.float64).index_select(0, order)
-    continues = torch.ones_like(order, dtype=torch.bool)
-    continues[torch.cumsum(length, 0) - 1] = False
-    max_length = int(length.max())
-    step_return = reverse_discounted_cumsum(sorted_reward, continues, gamma, max_length)
+    step_return = reverse_discounted_cumsum(sorted_reward, length, gamma)
     # A sequential sum per trajectory: equal trajectories give bit-equal returns.
     returns = torch.segment_reduce(sorted_reward, "sum", lengths=length)
     traj_group, num_groups, _ = segment_ids(group_id[layout.first])

@@ -119,28 +119,27 @@ def check_done(layout: TrajectoryLayout, done: Tensor, traj_id: Tensor) -> None:
         )
 
 
-def reverse_discounted_cumsum(
-    values: Tensor, continues: Tensor, gamma: float, max_length: int
-) -> Tensor:
-    """``out[i] = values[i] + gamma * continues[i] * out[i + 1]`` over rows in order.
+def reverse_discounted_cumsum(values: Tensor, length: Tensor, gamma: float) -> Tensor:
+    """Discounted return-to-go of rows in trajectory order (each trajectory's rows together,
+    by step): ``out[i] = values[i] + gamma * out[i + 1]`` inside a trajectory.
 
-    Rows are in trajectory order; ``continues[i]`` is False at a trajectory's last row, so
-    the sum never crosses into the next trajectory. Computed by recursive doubling: after the
+    The sum never crosses into the next trajectory. Computed by recursive doubling: after the
     pass with offset ``d`` every row holds the discounted sum of its next ``2d`` rows, so
-    ``ceil(log2(max_length))`` vectorised passes suffice (a loop over passes, not rows), and
+    ``ceil(log2(max(length)))`` vectorised passes suffice (a loop over passes, not rows), and
     each row's result depends only on its own trajectory's rewards after it.
 
     Args:
-        values: float ``[N]``.
-        continues: bool ``[N]``.
+        values: float ``[N]``, trajectory after trajectory.
+        length: int64 ``[T]`` number of rows of each trajectory, in the same order.
         gamma: discount in ``[0, 1]``.
-        max_length: the longest trajectory's number of rows.
 
     Returns:
         float ``[N]``, the discounted return-to-go of each row.
     """
     total = values.clone()
-    factor = continues.to(values.dtype) * gamma
+    factor = torch.full_like(values, gamma)
+    factor[torch.cumsum(length, 0) - 1] = 0.0  # a trajectory's last row continues nowhere
+    max_length = int(length.max()) if length.numel() else 0
     offset = 1
     while offset < max_length:
         # The right-hand sides are computed before the slices are written, so the in-place
@@ -173,13 +172,7 @@ def discounted_returns(
     """
     if layout is None:
         layout = trajectory_layout(traj_id, step)
-    order = layout.order
-    continues = torch.ones_like(order, dtype=torch.bool)
-    continues[torch.cumsum(layout.length, 0) - 1] = False
-    max_length = int(layout.length.max()) if layout.num_trajectories else 0
     sorted_returns = reverse_discounted_cumsum(
-        reward.index_select(0, order), continues, gamma, max_length
+        reward.index_select(0, layout.order), layout.length, gamma
     )
-    out = torch.empty_like(sorted_returns)
-    out[order] = sorted_returns
-    return out
+    return sorted_returns.index_select(0, layout.position)
