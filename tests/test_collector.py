@@ -5,13 +5,17 @@ import importlib.util
 import pytest
 import torch
 from torchrl.data import LazyStackStorage, ReplayBuffer
-from torchrl.modules.llm import TransformersWrapper
 from torchrl.objectives.llm import GRPOLoss
 
 from gigpo_torchrl import GIGPOAdvantage, GIGPOTransform
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.envs import StepResult, TextEnv, TextGame
-from gigpo_torchrl.policy import make_char_tokenizer, make_policy, make_tiny_model
+from gigpo_torchrl.policy import (
+    make_char_tokenizer,
+    make_policy,
+    make_tiny_model,
+    scoring_wrapper,
+)
 from gigpo_torchrl.policy.actor import LLMPolicy
 
 
@@ -107,14 +111,7 @@ def test_llm_rows_feed_gigpo_and_grpo_loss(policy, env):
 
     batch = GIGPOAdvantage()(batch)
     assert batch["advantage"].shape == (batch.shape[0], 1, 1)
-    actor = TransformersWrapper(
-        policy.model,
-        tokenizer=policy.tokenizer,
-        input_mode="tokens",
-        generate=False,
-        return_log_probs=True,
-        pad_output=False,
-    )
+    actor = scoring_wrapper(policy.model, policy.tokenizer)
     loss = GRPOLoss(actor, masking_strategy="sft")
     out = loss(batch)
     # behaviour = current policy: every ratio is 1 on the reply tokens (NaN prompt

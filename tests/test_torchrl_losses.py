@@ -5,12 +5,11 @@ import torch
 from tensordict import TensorDict, lazy_stack
 from tensordict.nn import TensorDictModule
 from torchrl.modules import ProbabilisticActor
-from torchrl.modules.llm import TransformersWrapper
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.llm import GRPOLoss
 
 from gigpo_torchrl import GIGPOAdvantage
-from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
+from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model, scoring_wrapper
 
 # (traj, step, state_hash, reward, observation, response) of one group of two trajectories
 STEPS = [
@@ -54,14 +53,7 @@ def step_rows(tokenizer):
 
 def test_grpo_loss_forward_backward_with_gigpo_advantage(tiny):
     tokenizer, model = tiny
-    actor = TransformersWrapper(
-        model,
-        tokenizer=tokenizer,
-        input_mode="tokens",
-        generate=False,
-        return_log_probs=True,
-        pad_output=False,
-    )
+    actor = scoring_wrapper(model, tokenizer)
     batch = step_rows(tokenizer)
     # Behaviour log-probs by teacher forcing, scored into a fresh output so that the prompt
     # tokens the "sft" mask needs stay in the batch.

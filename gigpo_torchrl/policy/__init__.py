@@ -1,6 +1,6 @@
 """LLM policy: prompts, action parsing, the actor, model factories."""
 
-from gigpo_torchrl.policy.actor import LLMPolicy
+from gigpo_torchrl.policy.actor import LLMPolicy, scoring_wrapper
 from gigpo_torchrl.policy.factory import make_policy
 from gigpo_torchrl.policy.models import load_model, load_smollm2
 from gigpo_torchrl.policy.parsing import parse_action
@@ -16,4 +16,5 @@ __all__ = [
     "make_policy",
     "make_tiny_model",
     "parse_action",
+    "scoring_wrapper",
 ]
