@@ -239,3 +239,141 @@ def test_bad_batches_are_named(edit, message):
     edit(td)
     with pytest.raises(ValueError, match=message):
         GIGPOAdvantage()(td)
+
+
+# -- verl-agent compat: the reference's singleton rule and invalid-action penalty ---------
+#
+# Rules read from verl-agent (gigpo/core_gigpo.py and its ray_trainer.py): each step row is
+# scored with its trajectory's summed environment reward; episode mean and unbiased std are
+# over the score of every row of the group, A_E = (score - mean) / (std + eps); only a group
+# of ONE ROW uses mean 0 and std 1. Step returns are discounted sums of the environment
+# rewards; apply_invalid_action_penalty then subtracts the penalty from an invalid row's own
+# score and its own step return. A step group of one row gives 0.
+
+EPS = 1e-6
+
+
+def test_verl_agent_lone_trajectory_of_several_steps_gets_zero():
+    # group 0: one trajectory of three steps, rows score [1, 1, 1]: mean 1, std 0 -> 0.
+    # group 1: one trajectory of one step: one row, mean 0 and std 1 -> 2 / (1 + eps).
+    td = make_batch([(0, 0, [(1, 0.0), (2, 0.0), (3, 1.0)]), (1, 1, [(9, 2.0)])])
+    out = GIGPOAdvantage("grpo", compat="verl-agent")(td.clone())
+    assert flat(out, "advantage") == [0.0, 0.0, 0.0, pytest.approx(2.0 / (1 + EPS), rel=1e-12)]
+    out = GIGPOAdvantage("grpo", compat="verl-agent", norm="none")(td.clone())
+    assert flat(out, "advantage") == [0.0, 0.0, 0.0, 2.0]
+
+
+def issue_case():
+    """Two trajectories from state 10; trajectory 1's first action is invalid (state kept).
+
+    traj 0: 10 -> 11 -> goal (reward 1);  traj 1: 10 (invalid) -> 10 -> 11 -> goal (reward 1).
+    """
+    return make_batch(
+        [
+            (0, 0, [(10, 0.0), (11, 1.0)]),
+            (0, 1, [(10, 0.0, False), (10, 0.0), (11, 1.0)]),
+        ]
+    )
+
+
+def test_verl_agent_invalid_action_penalty_reproduces_the_reference():
+    td = GIGPOAdvantage(compat="verl-agent", invalid_action_penalty=0.1)(issue_case())
+    # Row scores [1, 1, 0.9, 1, 1]: mean 0.98, deviations [.02, .02, -.08, .02, .02],
+    # unbiased variance (4 * .02**2 + .08**2) / 4 = 0.002.
+    scale = math.sqrt(0.002) + EPS
+    episode = [0.02 / scale, 0.02 / scale, -0.08 / scale, 0.02 / scale, 0.02 / scale]
+    # Step returns (gamma 0.95) from the rewards: traj 0 [0.95, 1], traj 1 [0.9025, 0.95, 1];
+    # then row 2 loses 0.1 -> 0.8025. State 10 holds [0.95, 0.8025, 0.95]: deviations
+    # d * [1, -2, 1] with d = 0.1475 / 3, unbiased std d * sqrt(3). State 11 holds [1, 1] -> 0.
+    d = 0.1475 / 3
+    s = d * math.sqrt(3) + EPS
+    step = [d / s, 0.0, -2 * d / s, d / s, 0.0]
+    assert flat(td, "episode_advantage") == pytest.approx(episode, rel=1e-9)
+    assert flat(td, "step_advantage") == pytest.approx(step, rel=1e-9)
+    assert flat(td, "value_target") == pytest.approx([0.95, 1.0, 0.8025, 0.95, 1.0], rel=1e-12)
+    expected = [e + s for e, s in zip(episode, step, strict=True)]
+    assert flat(td, "advantage") == pytest.approx(expected, rel=1e-9)
+    # the values quoted in issue 10 (the reference), to two decimals
+    assert flat(td, "advantage") == pytest.approx([1.02, 0.45, -2.94, 1.02, 0.45], abs=5e-3)
+
+
+def test_verl_agent_penalty_stays_on_its_own_row():
+    # gamma 0.5, penalty 0.25, norm "none" (the reference's mean_norm).
+    # traj 0: s1 -> s2, then an invalid action at s2 (state kept), then s2 -> goal (reward 1)
+    # traj 1: s1 -> s3 -> end, no reward.
+    td = make_batch(
+        [
+            (0, 0, [(1, 0.0), (2, 0.0, False), (2, 1.0)]),
+            (0, 1, [(1, 0.0), (3, 0.0)]),
+        ]
+    )
+    td = GIGPOAdvantage(gamma=0.5, norm="none", compat="verl-agent", invalid_action_penalty=0.25)(
+        td
+    )
+    # scores [1, 0.75, 1, 0, 0]: mean 0.55 (the penalty does not change the other rows)
+    assert flat(td, "episode_advantage") == pytest.approx([0.45, 0.2, 0.45, -0.55, -0.55])
+    # step returns from the rewards: traj 0 [0.25, 0.5, 1], traj 1 [0, 0]; the invalid row
+    # drops to 0.25, and row 0 keeps 0.25 (the penalty is not discounted into it).
+    assert flat(td, "value_target") == pytest.approx([0.25, 0.25, 1.0, 0.0, 0.0])
+    # s1: [0.25, 0] -> ±0.125 ; s2: [0.25, 1] -> ∓0.375 ; s3 alone -> 0
+    assert flat(td, "step_advantage") == pytest.approx([0.125, -0.375, 0.375, -0.125, 0.0])
+    assert flat(td, "advantage") == pytest.approx([0.575, -0.175, 0.825, -0.675, -0.55])
+
+
+def test_verl_agent_penalty_in_a_lone_trajectory():
+    # group 0: one trajectory [invalid, goal 1]: scores [0.9, 1] are no longer equal:
+    # mean 0.95, unbiased std sqrt(2 * 0.05**2) -> -/+ 0.05 / (std + eps).
+    # group 1: one row, invalid, reward 1: raw score 0.9 / (1 + eps).
+    td = make_batch([(0, 0, [(1, 0.0, False), (1, 1.0)]), (1, 1, [(5, 1.0, False)])])
+    out = GIGPOAdvantage("grpo", compat="verl-agent", invalid_action_penalty=0.1)(td)
+    scale = math.sqrt(2 * 0.05**2) + EPS
+    expected = [-0.05 / scale, 0.05 / scale, 0.9 / (1 + EPS)]
+    assert flat(out, "advantage") == pytest.approx(expected, rel=1e-9)
+
+
+def test_penalty_zero_or_all_valid_changes_nothing():
+    base = GIGPOAdvantage(compat="verl-agent")(two_paths())
+    penalised = GIGPOAdvantage(compat="verl-agent", invalid_action_penalty=0.1)(two_paths())
+    assert torch.equal(base["advantage"], penalised["advantage"])
+    # penalty 0 does not read action_valid at all
+    td = issue_case()
+    del td["action_valid"]
+    adv = GIGPOAdvantage(compat="verl-agent")
+    assert "action_valid" not in adv.in_keys
+    adv(td)
+
+
+def test_penalty_reads_a_renamed_action_valid_key():
+    td = issue_case()
+    td.rename_key_("action_valid", ("policy", "ok"))
+    adv = GIGPOAdvantage(compat="verl-agent", invalid_action_penalty=0.1)
+    adv.set_keys(action_valid=("policy", "ok"))
+    assert ("policy", "ok") in adv.in_keys
+    expected = GIGPOAdvantage(compat="verl-agent", invalid_action_penalty=0.1)(issue_case())
+    torch.testing.assert_close(adv(td)["advantage"], expected["advantage"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"invalid_action_penalty": 0.1}, "only with compat='verl-agent'"),
+        ({"invalid_action_penalty": -0.1, "compat": "verl-agent"}, "invalid_action_penalty=-0.1"),
+        ({"invalid_action_penalty": float("inf"), "compat": "verl-agent"}, "=inf"),
+        ({"invalid_action_penalty": True, "compat": "verl-agent"}, "=True"),
+    ],
+)
+def test_bad_penalty_options_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GIGPOAdvantage(**kwargs)
+
+
+def test_penalty_needs_a_bool_action_valid():
+    adv = GIGPOAdvantage(compat="verl-agent", invalid_action_penalty=0.1)
+    td = issue_case()
+    del td["action_valid"]
+    with pytest.raises(ValueError, match="'action_valid'"):
+        adv(td)
+    td = issue_case()
+    td["action_valid"] = torch.ones(5, 1)
+    with pytest.raises(ValueError, match="'action_valid' has dtype torch.float32"):
+        adv(td)

@@ -7,6 +7,7 @@ import torch
 
 from gigpo_torchrl.functional import (
     discounted_returns,
+    gigpo_advantage,
     group_normalize,
     segment_ids,
     segment_mean_std,
@@ -104,3 +105,41 @@ def test_group_normalize_degenerate_groups_are_exactly_zero():
     for floor in ("clamp", "add"):
         out = group_normalize(values, groups, 2, std_floor=floor, eps=1e-12)
         assert out.tolist() == [0.0] * 5
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_discounted_returns_reject_a_non_finite_reward(bad):
+    # trajectory 0: [0, 0]; trajectory 1: [bad, 1]. Unchecked, 0 * inf = nan leaked into
+    # trajectory 0's last row: [0.0, nan, inf, 1.0].
+    reward = torch.tensor([0.0, 0.0, bad, 1.0], dtype=torch.float64)
+    traj = torch.tensor([0, 0, 1, 1])
+    step = torch.tensor([0, 1, 0, 1])
+    with pytest.raises(
+        ValueError, match=r"non-finite reward \((nan|-?inf)\) at row 2, in trajectory 1"
+    ):
+        discounted_returns(reward, traj, step, gamma=0.95)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_gigpo_advantage_rejects_a_non_finite_reward(bad):
+    reward = torch.tensor([0.0, 0.0, 1.0, bad], dtype=torch.float32)
+    done = torch.tensor([False, True, False, True])
+    with pytest.raises(ValueError, match="non-finite reward .* at row 3, in trajectory 8"):
+        gigpo_advantage(
+            reward,
+            done,
+            torch.zeros(4, dtype=torch.long),
+            torch.tensor([7, 7, 8, 8]),
+            torch.tensor([0, 1, 0, 1]),
+            torch.tensor([1, 2, 1, 3]),
+        )
+
+
+def test_group_normalize_singleton_means_one_observation_of_weight_one():
+    # verl-agent: a group of one *row* keeps its raw value; one member of weight 3 is three
+    # equal rows, so its group is constant and gives 0.
+    values = torch.tensor([2.0, 5.0], dtype=torch.float64)
+    groups = torch.tensor([0, 1])
+    weights = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    out = group_normalize(values, groups, 2, std_floor="add", singleton="raw", weights=weights)
+    assert out.tolist() == [2.0 / (1 + 1e-6), 0.0]

@@ -14,6 +14,7 @@ from tests.batches import make_batch, reference
 # Few distinct rewards and states: ties, zero-variance groups and revisits are common.
 REWARDS = st.sampled_from([-1.0, -0.1, 0.0, 0.0, 0.5, 1.0, 10.0])
 GAMMAS = st.sampled_from([0.0, 0.95, 1.0]) | st.floats(0.0, 1.0)
+VALID = st.sampled_from([True, True, True, False])  # action_valid of a step
 
 
 @st.composite
@@ -27,7 +28,7 @@ def batches(draw, min_group_size=1):
     for group in group_ids:
         for _ in range(draw(st.integers(min_group_size, 5))):
             length = draw(st.integers(1, 6))
-            steps = [(draw(st.integers(0, 3)), draw(REWARDS)) for _ in range(length)]
+            steps = [(draw(st.integers(0, 3)), draw(REWARDS), draw(VALID)) for _ in range(length)]
             trajectories.append((group, next(traj_ids), steps))
     return trajectories
 
@@ -59,16 +60,32 @@ settings.load_profile("gigpo")
     weight=st.sampled_from([0.0, 0.8, 1.0, 2.5]),
     norm=st.sampled_from(["std", "none"]),
     compat=st.sampled_from([None, "verl-agent"]),
+    penalty=st.sampled_from([0.0, 0.1, 0.5]),
 )
-def test_matches_the_loop_reference(trajectories, seed, estimator, gamma, weight, norm, compat):
+def test_matches_the_loop_reference(
+    trajectories, seed, estimator, gamma, weight, norm, compat, penalty
+):
     if compat == "verl-agent" and estimator == "rloo":
         estimator = "gigpo"
+    if compat is None:
+        penalty = 0.0
     td = shuffled(trajectories, seed)
     expected, episode, step = reference(
-        td, estimator=estimator, gamma=gamma, weight=weight, norm=norm, compat=compat
+        td,
+        estimator=estimator,
+        gamma=gamma,
+        weight=weight,
+        norm=norm,
+        compat=compat,
+        penalty=penalty,
     )
     out = GIGPOAdvantage(
-        estimator, gamma=gamma, step_advantage_weight=weight, norm=norm, compat=compat
+        estimator,
+        gamma=gamma,
+        step_advantage_weight=weight,
+        norm=norm,
+        compat=compat,
+        invalid_action_penalty=penalty,
     )(td)
     assert_matches(out["advantage"], expected)
     assert_matches(out["episode_advantage"], episode)

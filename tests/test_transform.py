@@ -87,3 +87,17 @@ def test_clear_queues_and_bad_arguments():
             GIGPOTransform(group_size=bad)
     with pytest.raises(ValueError, match="GIGPOAdvantage"):
         GIGPOTransform(group_size=2, estimator="gigpo")
+
+
+def test_a_verl_agent_penalty_estimator_reads_action_valid_when_queuing():
+    estimator = GIGPOAdvantage(compat="verl-agent", invalid_action_penalty=0.1)
+    group = [(3, 0, [(1, 0.0, False), (1, 1.0)]), (3, 1, [(1, 0.0), (2, 0.0)])]
+    transform = GIGPOTransform(group_size=2, estimator=estimator)
+    no_valid = make_batch(group[:1])
+    del no_valid["action_valid"]
+    with pytest.raises(ValueError, match="'action_valid'"):
+        transform.inv(no_valid)
+    assert transform.inv(make_batch(group[:1])) is None
+    out = transform.inv(make_batch(group[1:]))
+    expected = GIGPOAdvantage(compat="verl-agent", invalid_action_penalty=0.1)(make_batch(group))
+    assert by_traj(out) == pytest.approx(by_traj(expected))

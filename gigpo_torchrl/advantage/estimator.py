@@ -12,7 +12,7 @@ from tensordict.utils import NestedKey
 from torch import Tensor
 from torchrl.objectives.value import ValueEstimatorBase
 
-from gigpo_torchrl.functional import check_options, gigpo_advantage
+from gigpo_torchrl.functional import check_finite, check_options, gigpo_advantage
 
 
 def read_rows(tensordict: TensorDictBase, key: NestedKey, kind: str) -> Tensor:
@@ -49,7 +49,8 @@ def read_rows(tensordict: TensorDictBase, key: NestedKey, kind: str) -> Tensor:
 
 
 class StepRows(NamedTuple):
-    """The estimator's inputs as flat ``[N]`` tensors, in the order ``gigpo_advantage`` takes."""
+    """The estimator's inputs as flat ``[N]`` tensors, in the order ``gigpo_advantage`` takes
+    them (``action_valid`` is its keyword argument; None unless a penalty is set)."""
 
     reward: Tensor
     done: Tensor
@@ -57,6 +58,7 @@ class StepRows(NamedTuple):
     traj_id: Tensor
     step: Tensor
     state_hash: Tensor | None
+    action_valid: Tensor | None = None
 
 
 class GIGPOAdvantage(ValueEstimatorBase):
@@ -68,7 +70,8 @@ class GIGPOAdvantage(ValueEstimatorBase):
     - ``group_id``, ``traj_id``, ``step``, ``state_hash``: integer ids (``state_hash`` is
       needed by ``estimator="gigpo"`` only);
     - ``("next", "reward")``: float step reward, finite;
-    - ``("next", "done")``: bool, True exactly at each trajectory's last step.
+    - ``("next", "done")``: bool, True exactly at each trajectory's last step;
+    - ``action_valid``: bool, only with a nonzero ``invalid_action_penalty``.
 
     Writes:
 
@@ -91,7 +94,17 @@ class GIGPOAdvantage(ValueEstimatorBase):
         norm: ``"std"`` (divide by the group std) or ``"none"``. Default ``"std"``.
         eps: floor of the std. Default 1e-6.
         compat: None (the paper's semantics) or ``"verl-agent"`` (the authors' reference:
-            length-weighted episode statistics, ``std + eps``).
+            episode statistics over the group's step rows, ``std + eps``; only a group of one
+            row keeps its raw return).
+        invalid_action_penalty: ``compat="verl-agent"`` only (their
+            ``invalid_action_penalty_coef``; 0.1 in their examples). Default 0. When not 0,
+            ``("next", "reward")`` must be the environment's reward *without* the penalty
+            (for :class:`~gigpo_torchrl.envs.TextEnv` rows, ``set_keys(reward="env_reward")``)
+            and ``action_valid`` is read: step returns are computed from the rewards, then the
+            penalty is subtracted from each invalid row's own episode score and own step
+            return (not discounted into earlier steps, other rows' scores unchanged), as the
+            reference does. Without compat the penalty belongs in the reward itself, and a
+            nonzero value is refused.
         token_axis: None (auto, see above), True or False.
         device: where buffers live (torchrl convention).
 
@@ -123,6 +136,7 @@ class GIGPOAdvantage(ValueEstimatorBase):
         traj_id: NestedKey = "traj_id"
         step: NestedKey = "step"
         state_hash: NestedKey = "state_hash"
+        action_valid: NestedKey = "action_valid"
         episode_advantage: NestedKey = "episode_advantage"
         step_advantage: NestedKey = "step_advantage"
         step_group_size: NestedKey = "step_group_size"
@@ -139,10 +153,13 @@ class GIGPOAdvantage(ValueEstimatorBase):
         norm: str = "std",
         eps: float = 1e-6,
         compat: str | None = None,
+        invalid_action_penalty: float = 0.0,
         token_axis: bool | None = None,
         device: torch.device | None = None,
     ):
-        check_options(estimator, gamma, step_advantage_weight, norm, eps, compat)
+        check_options(
+            estimator, gamma, step_advantage_weight, norm, eps, compat, invalid_action_penalty
+        )
         if token_axis not in (None, True, False):
             raise ValueError(f"token_axis={token_axis!r} must be None, True or False")
         super().__init__(value_network=None, device=device)
@@ -152,6 +169,7 @@ class GIGPOAdvantage(ValueEstimatorBase):
         self.norm = norm
         self.eps = eps
         self.compat = compat
+        self.invalid_action_penalty = invalid_action_penalty
         self.token_axis = token_axis
 
     @property
@@ -166,6 +184,8 @@ class GIGPOAdvantage(ValueEstimatorBase):
         ]
         if self.estimator == "gigpo":
             in_keys.append(keys.state_hash)
+        if self.invalid_action_penalty:
+            in_keys.append(keys.action_valid)
         return in_keys
 
     @property
@@ -188,14 +208,11 @@ class GIGPOAdvantage(ValueEstimatorBase):
         reward_key = ("next", keys.reward)
         reward = read_rows(tensordict, reward_key, "float")
         traj_id = read_rows(tensordict, keys.traj_id, "int")
-        finite = torch.isfinite(reward)
-        if not bool(finite.all()):
-            row = int(torch.nonzero(~finite)[0, 0])
-            raise ValueError(
-                f"key {reward_key!r} holds a non-finite reward ({float(reward[row])}) "
-                f"in trajectory {int(traj_id[row])}"
-            )
+        check_finite(reward, traj_id, name=f"key {reward_key!r}")
         has_hash = self.estimator == "gigpo" or keys.state_hash in tensordict.keys(True)
+        valid = None
+        if self.invalid_action_penalty:
+            valid = read_rows(tensordict, keys.action_valid, "bool")
         return StepRows(
             reward=reward,
             done=read_rows(tensordict, ("next", keys.done), "bool"),
@@ -203,6 +220,7 @@ class GIGPOAdvantage(ValueEstimatorBase):
             traj_id=traj_id,
             step=read_rows(tensordict, keys.step, "int"),
             state_hash=read_rows(tensordict, keys.state_hash, "int") if has_hash else None,
+            action_valid=valid,
         )
 
     @torch.no_grad()
@@ -216,7 +234,9 @@ class GIGPOAdvantage(ValueEstimatorBase):
         """Write the advantages into ``tensordict`` (in place) and return it."""
         rows = self.read_step_rows(tensordict)
         out = gigpo_advantage(
-            *rows,
+            *rows[:6],
+            action_valid=rows.action_valid,
+            invalid_action_penalty=self.invalid_action_penalty,
             estimator=self.estimator,
             gamma=self.gamma,
             step_advantage_weight=self.step_advantage_weight,

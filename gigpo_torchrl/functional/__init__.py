@@ -8,11 +8,13 @@ from gigpo_torchrl.functional.gigpo import (
     episode_advantage,
     gigpo_advantage,
     step_advantage,
+    verl_agent_episode_advantage,
 )
 from gigpo_torchrl.functional.normalize import group_normalize
 from gigpo_torchrl.functional.returns import (
     TrajectoryLayout,
     check_done,
+    check_finite,
     discounted_returns,
     reverse_discounted_cumsum,
     trajectory_layout,
@@ -32,6 +34,7 @@ __all__ = [
     "GIGPOOutput",
     "TrajectoryLayout",
     "check_done",
+    "check_finite",
     "check_options",
     "check_trajectories",
     "discounted_returns",
@@ -46,4 +49,5 @@ __all__ = [
     "segment_sum",
     "step_advantage",
     "trajectory_layout",
+    "verl_agent_episode_advantage",
 ]

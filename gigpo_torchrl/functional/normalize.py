@@ -42,8 +42,11 @@ def group_normalize(
     Degenerate groups never blow up:
 
     - a group whose members are all exactly equal gives exactly 0;
-    - a group of one member gives 0 (``singleton="zero"``) or its raw value as if the group
-      had mean 0 and std 1 (``singleton="raw"``, verl-agent's episode rule).
+    - a group of a single observation (one member; with ``weights``, a total weight of 1)
+      gives 0 (``singleton="zero"``) or its raw value as if the group had mean 0 and std 1
+      (``singleton="raw"``, verl-agent's rule for an episode group of one step row). A
+      member of weight ``w > 1`` stands for ``w`` equal observations: alone in its group it
+      gives 0.
 
     Args:
         values: float ``[M]``, one value per member.
@@ -61,9 +64,9 @@ def group_normalize(
     """
     if leave_one_out and weights is not None:
         raise ValueError("leave_one_out=True does not take weights")
-    mean, std, _ = segment_mean_std(values, groups, num_groups, weights)
+    mean, std, total = segment_mean_std(values, groups, num_groups, weights)
     count = segment_count(groups, num_groups)
-    single = count == 1
+    single = count == 1 if weights is None else total <= 1
     # Per-group constants, gathered to the members in one indexing call.
     if norm == "none":
         scale = torch.ones_like(std)

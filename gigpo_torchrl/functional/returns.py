@@ -119,6 +119,29 @@ def check_done(layout: TrajectoryLayout, done: Tensor, traj_id: Tensor) -> None:
         )
 
 
+def check_finite(reward: Tensor, traj_id: Tensor, name: str = "reward") -> None:
+    """Check that every reward is finite.
+
+    A NaN or infinite reward would otherwise leak into the neighbouring trajectory (the scan
+    multiplies it by the zero that ends a trajectory: ``0 * inf = nan``).
+
+    Args:
+        reward: float ``[N]``.
+        traj_id: int64 ``[N]``, used to name the faulty trajectory.
+        name: how the error message names the rewards.
+
+    Raises:
+        ValueError: naming the first non-finite value, its row and its trajectory.
+    """
+    finite = torch.isfinite(reward)
+    if not bool(finite.all()):
+        row = int(torch.nonzero(~finite)[0, 0])
+        raise ValueError(
+            f"{name} holds a non-finite reward ({float(reward[row])}) at row {row}, "
+            f"in trajectory {int(traj_id[row])}"
+        )
+
+
 def reverse_discounted_cumsum(values: Tensor, length: Tensor, gamma: float) -> Tensor:
     """Discounted return-to-go of rows in trajectory order (each trajectory's rows together,
     by step): ``out[i] = values[i] + gamma * out[i + 1]`` inside a trajectory.
@@ -126,7 +149,8 @@ def reverse_discounted_cumsum(values: Tensor, length: Tensor, gamma: float) -> T
     The sum never crosses into the next trajectory. Computed by recursive doubling: after the
     pass with offset ``d`` every row holds the discounted sum of its next ``2d`` rows, so
     ``ceil(log2(max(length)))`` vectorised passes suffice (a loop over passes, not rows), and
-    each row's result depends only on its own trajectory's rewards after it.
+    each row's result depends only on its own trajectory's rewards after it — provided the
+    values are finite (``0 * inf`` is NaN): callers check them with :func:`check_finite`.
 
     Args:
         values: float ``[N]``, trajectory after trajectory.
@@ -161,7 +185,7 @@ def discounted_returns(
     """Per-row discounted return ``R_t = Σ_{k≥t} γ^{k-t} r_k`` within each trajectory.
 
     Args:
-        reward: float ``[N]`` reward of each row.
+        reward: float ``[N]`` reward of each row, finite.
         traj_id: int64 ``[N]`` trajectory of each row.
         step: int64 ``[N]`` step of each row; rows may be in any order.
         gamma: discount in ``[0, 1]``.
@@ -169,7 +193,11 @@ def discounted_returns(
 
     Returns:
         float ``[N]`` in the input row order and ``reward``'s dtype.
+
+    Raises:
+        ValueError: naming a trajectory with a non-finite reward, or an incomplete one.
     """
+    check_finite(reward, traj_id)
     if layout is None:
         layout = trajectory_layout(traj_id, step)
     sorted_returns = reverse_discounted_cumsum(
