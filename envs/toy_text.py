@@ -10,23 +10,21 @@ import gymnasium as gym
 from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 
 from gigpo_torchrl.envs import register_env
-from gigpo_torchrl.envs.gym_adapter import GymTextGame, ansi_render
+from gigpo_torchrl.envs.gym_adapter import (
+    GymTextGame,
+    render_cliffwalking,
+    render_frozenlake,
+    render_taxi,
+)
 
-
-def _grid(rows: list[str]) -> str:
-    return "\n".join(" ".join(row) for row in rows)
-
-
-def render_frozenlake(env: gym.Env) -> str:
-    """The lake with the agent as ``P``, and a legend."""
-    lake = env.unwrapped
-    rows = [[c.decode() for c in row] for row in lake.desc]
-    row, col = divmod(int(lake.s), lake.ncol)
-    rows[row][col] = "P"
-    return (
-        _grid(["".join(r) for r in rows])
-        + "\nLegend: P you, S start, F frozen (safe), H hole, G goal."
-    )
+__all__ = [
+    "cliffwalking",
+    "frozenlake",
+    "render_cliffwalking",
+    "render_frozenlake",
+    "render_taxi",
+    "taxi",
+]
 
 
 @register_env("frozenlake", max_steps=20)
@@ -53,21 +51,6 @@ def frozenlake(size: int = 4, frozen_prob: float = 0.8, slippery: bool = False) 
     )
 
 
-def render_taxi(env: gym.Env) -> str:
-    """The map with the taxi as ``T``, and where the passenger and destination are."""
-    taxi = env.unwrapped
-    taxi_row, taxi_col, passenger, destination = taxi.decode(int(taxi.s))
-    rows = [[c.decode() for c in row] for row in taxi.desc]
-    rows[1 + taxi_row][2 * taxi_col + 1] = "T"
-    names = ["R", "G", "Y", "B"]
-    where = "in the taxi" if passenger == 4 else f"at {names[passenger]}"
-    return (
-        "\n".join("".join(r) for r in rows)
-        + f"\nThe taxi T is at row {taxi_row}, column {taxi_col}. The passenger is {where}; "
-        f"the destination is {names[destination]}. Walls are '|'."
-    )
-
-
 @register_env("taxi", max_steps=50)
 def taxi() -> GymTextGame:
     """Taxi: pick the passenger up and drop them off at the destination.
@@ -83,11 +66,6 @@ def taxi() -> GymTextGame:
         action_names=["south", "north", "east", "west", "pickup", "dropoff"],
         task="Drive the taxi to the passenger, pick them up, and drop them off at the destination.",
     )
-
-
-def render_cliffwalking(env: gym.Env) -> str:
-    """gymnasium's text rendering of the cliff, and a legend."""
-    return ansi_render(env).strip("\n") + "\nLegend: x you, o safe ground, C cliff, T target."
 
 
 @register_env("cliffwalking", max_steps=50)

@@ -42,3 +42,17 @@ class FreeText(TextGame):
     def step(self, action: str) -> StepResult:
         self.words.append(action)
         return StepResult(f"You said:   {' '.join(self.words)}  ", terminated=len(self.words) == 2)
+
+
+class BadReward(Counter):
+    """A Counter whose step at ``fail_at`` returns ``reward`` (None, NaN, inf, ...)."""
+
+    def __init__(self, reward: object, fail_at: int = 2):
+        super().__init__()
+        self.bad_reward, self.bad_at = reward, fail_at
+
+    def step(self, action: str) -> StepResult:
+        result = super().step(action)
+        if self.n == self.bad_at:
+            result.reward = self.bad_reward
+        return result

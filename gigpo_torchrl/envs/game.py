@@ -52,9 +52,15 @@ class TextGame(ABC):
 
     Attributes:
         task: a description of the task, shown to the agent with every observation.
+        raw_action: False (the default): :meth:`step` receives an action string cleaned by
+            ``TextEnv`` (whitespace collapsed, at most ``max_action_chars`` long) and, with
+            :meth:`admissible_actions`, one of those exactly, parsed out of the model's reply
+            by the collector. True: :meth:`step` receives the model's whole reply, unparsed
+            and unchanged, and parses it itself (as ms-swift envs do).
     """
 
     task: str = ""
+    raw_action: bool = False
 
     @abstractmethod
     def reset(self, seed: int) -> str:
@@ -65,7 +71,11 @@ class TextGame(ABC):
 
     @abstractmethod
     def step(self, action: str) -> StepResult:
-        """Apply ``action`` (whitespace already normalised); may raise :class:`InvalidAction`."""
+        """Apply ``action`` and return a :class:`StepResult`; may raise :class:`InvalidAction`.
+
+        ``action`` has its whitespace normalised (unless :attr:`raw_action`). The reward must
+        be a finite number: ``TextEnv`` ends the episode as a failure otherwise.
+        """
 
     def admissible_actions(self) -> list[str] | None:
         """The actions valid in the current state, or None when the game cannot list them."""

@@ -12,7 +12,7 @@ Environments come from three places, all through the same API:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -114,7 +114,7 @@ def env_spec(name: str) -> EnvSpec:
 
 def make_env(
     name: str,
-    batch_size: int = 1,
+    batch_size: int | Sequence[int] = 1,
     seed: int | None = None,
     *,
     max_steps: int | None = None,
@@ -125,11 +125,18 @@ def make_env(
 
     Args:
         name: a registered name, or ``gym:<id>`` for any gymnasium id.
-        batch_size: number of environments stepped together.
-        seed: seeds the env's RNG (used when ``reset`` is not given explicit seeds).
+        batch_size: number of environments stepped together: an int, ``[n]`` or
+            ``torch.Size([n])`` (text envs batch along one dimension).
+        seed: seeds the env's RNG (used when ``reset`` is not given explicit seeds); an
+            integer in ``[0, 2**63)``, as every reset seed must be.
         max_steps: episode step limit; defaults to the registered one.
         invalid_action_penalty: subtracted from the reward of an invalid action.
-        **kwargs: passed to the environment's factory.
+        **kwargs: passed to the environment's factory (the CLI's ``env_kwargs``). For
+            ``gym:<id>`` they go to :class:`~gigpo_torchrl.envs.GymTextGame`:
+            ``action_names`` (a name per action index, e.g. ``["left", "down", "right",
+            "up"]``), ``task`` (the task text shown to the agent), ``make_kwargs`` (extra
+            ``gymnasium.make`` arguments, e.g. ``{"map_name": "8x8"}``), and from Python
+            ``render``, ``state``, ``success`` callables.
 
     Returns:
         A :class:`~gigpo_torchrl.envs.TextEnv` (a torchrl ``EnvBase``) of batch size
