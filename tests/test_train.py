@@ -137,6 +137,8 @@ SAMPLE = {
     "max_turns": "7",
     "gamma": "0.9",
     "norm_adv": "none",
+    "compat": "none",  # verl-agent refuses rloo: see tests/test_compat_penalty.py
+    "invalid_action_penalty": "0.2",
     "env": "taxi",
     "env_kwargs": "{}",
     "model": "tiny",
@@ -181,6 +183,8 @@ def test_every_flag_is_real_and_reaches_the_config():
         max_turns=7,
         gamma=0.9,
         norm_adv="none",
+        compat=None,
+        invalid_action_penalty=0.2,
         env="taxi",
         env_kwargs={},
         model="tiny",

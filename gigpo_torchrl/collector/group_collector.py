@@ -37,8 +37,10 @@ class GroupCollector:
     tensors are ragged), with the DESIGN.md keys: ``group_id``, ``traj_id``, ``step``,
     ``state_hash`` (before the action), ``observation``, ``action_text``, ``action_valid``
     and ``success`` ``[1]``, ``("next", "reward" | "done" | "terminated" | "truncated")``
-    ``[1]``, plus the policy's ``("tokens", "prompt" | "response" | "full")``,
-    ``("log_probs", "full")``, ``("text", "prompt" | "response")``. The batch feeds
+    ``[1]``, ``("next", "env_reward")`` ``[1]`` (the reward without the invalid-action
+    penalty, for ``GIGPOAdvantage(compat="verl-agent")``), plus the policy's
+    ``("tokens", "prompt" | "response" | "full")``, ``("log_probs", "full")``,
+    ``("text", "prompt" | "response")``. The batch feeds
     :class:`~gigpo_torchrl.GIGPOAdvantage` and torchrl's ``GRPOLoss`` as it is.
 
     Args:
@@ -224,6 +226,9 @@ class GroupCollector:
                 ("next", "truncated"): next_td["truncated"][i].clone(),
             }
         )
+        env_reward = next_td.get("env_reward", None)
+        if env_reward is not None:  # the game's reward, without the invalid-action penalty
+            row["next", "env_reward"] = env_reward[i].clone()
         return row
 
     def _statistics(self, batch: TensorDictBase, generated_rows: int) -> dict[str, Any]:

@@ -25,6 +25,9 @@ HELP = {
     "max_turns": "episode step limit; omit for the env's own (ms-swift name)",
     "gamma": "discount of the step return",
     "norm_adv": "std or none: divide advantages by the group std or not",
+    "compat": "none or verl-agent: compute advantages exactly as the authors' reference",
+    "invalid_action_penalty": "subtracted from an invalid action's reward (with --compat "
+    "verl-agent: from that row's own score and step return, the reference's way)",
     "env": "registered env name or gym:<id>",
     "env_kwargs": "JSON object passed to the env factory",
     "model": "tiny, smollm2-135m or a local checkpoint directory",
@@ -63,13 +66,17 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "") else int(text)
 
 
+def _optional_str(text: str) -> str | None:
+    return None if text.lower() in ("none", "") else text
+
+
 def _arg_type(name: str):
     """The argparse type of a config field, from its annotation."""
     hint = typing.get_type_hints(TrainConfig)[name]
     if hint is bool:
         return _bool
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return _optional_int
+        return _optional_str if str in typing.get_args(hint) else _optional_int
     if typing.get_origin(hint) is dict:
         return _json_object
     return hint

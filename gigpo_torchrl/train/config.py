@@ -10,6 +10,7 @@ from typing import Any
 
 ESTIMATORS = ("grpo", "rloo", "gigpo")
 NORMS = ("std", "none")
+COMPATS = (None, "verl-agent")
 LOGGERS = ("csv", "tensorboard", "wandb")
 BACKENDS = ("transformers", "vllm")
 
@@ -26,6 +27,12 @@ class TrainConfig:
     ms-swift names: ``advantage_estimator``, ``use_gym_env``, ``gigpo_step_advantage_weight``,
     ``num_generations``, ``beta`` (KL coefficient to the reference model; 0 skips the
     reference model), ``max_turns`` (episode step limit; None: the env's own).
+
+    ``invalid_action_penalty`` is what the env subtracts from the reward of an invalid
+    action. ``compat="verl-agent"`` computes advantages as the authors' reference does
+    (``GIGPOAdvantage(compat="verl-agent")``), the penalty included: it is applied to each
+    invalid row's own score and step return after the returns are computed from the game's
+    reward (``("next", "env_reward")``), instead of being part of the reward.
     """
 
     # -- algorithm (ms-swift names) --
@@ -37,6 +44,8 @@ class TrainConfig:
     max_turns: int | None = 8
     gamma: float = 0.95
     norm_adv: str = "std"
+    compat: str | None = None
+    invalid_action_penalty: float = 0.1
     # -- environment and model --
     env: str = "frozenlake"
     env_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +100,13 @@ class TrainConfig:
 
         choice("advantage_estimator", ESTIMATORS)
         choice("norm_adv", NORMS)
+        choice("compat", COMPATS)
+        number("invalid_action_penalty", 0)
+        if self.compat == "verl-agent" and self.advantage_estimator == "rloo":
+            raise ValueError(
+                "--compat verl-agent reproduces the reference's gigpo and grpo estimators; "
+                "--advantage_estimator rloo has no verl-agent counterpart"
+            )
         choice("logger", LOGGERS)
         choice("backend", BACKENDS)
         number("gigpo_step_advantage_weight", 0)
@@ -106,6 +122,11 @@ class TrainConfig:
             )
         if not isinstance(self.env_kwargs, dict):
             raise ValueError(f"--env_kwargs {self.env_kwargs!r} must be a mapping")
+        if "invalid_action_penalty" in self.env_kwargs:
+            raise ValueError(
+                "--env_kwargs: give the penalty as --invalid_action_penalty (the env and, with "
+                "--compat verl-agent, the advantage both use it)"
+            )
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"--gamma {self.gamma!r} must be in [0, 1]")
         for name in (

@@ -110,6 +110,7 @@ class Trainer:
             for policy in (self.policy, self.val_policy):
                 policy.sampler = vllm_sampler(llm, tokenizer, policy.generate_kwargs)
         prompts = PromptBuilder(memory=config.memory)
+        env_kwargs = {**config.env_kwargs, "invalid_action_penalty": config.invalid_action_penalty}
         self.collector = GroupCollector(
             config.env,
             self.policy,
@@ -118,7 +119,7 @@ class Trainer:
             max_steps=config.max_turns,
             seed=config.seed,
             prompt_builder=prompts,
-            env_kwargs=config.env_kwargs,
+            env_kwargs=env_kwargs,
         )
         # A fixed held-out task set: same seeds at every validation, never a training task.
         self.val_collector = GroupCollector(
@@ -129,7 +130,7 @@ class Trainer:
             max_steps=config.max_turns,
             seed=config.seed,
             prompt_builder=prompts,
-            env_kwargs=config.env_kwargs,
+            env_kwargs=env_kwargs,
             held_out=True,
         )
         self._val_sampler = self.val_collector.state_dict()
@@ -141,14 +142,18 @@ class Trainer:
             kl_to_ref_coeff=config.beta if config.beta > 0 else None,
             entropy_bonus=False,
         )
-        self.loss.make_value_estimator(
-            GIGPOAdvantage(
-                config.advantage_estimator,
-                gamma=config.gamma,
-                step_advantage_weight=config.gigpo_step_advantage_weight,
-                norm=config.norm_adv,
-            )
+        estimator = GIGPOAdvantage(
+            config.advantage_estimator,
+            gamma=config.gamma,
+            step_advantage_weight=config.gigpo_step_advantage_weight,
+            norm=config.norm_adv,
+            compat=config.compat,
+            invalid_action_penalty=config.invalid_action_penalty if config.compat else 0.0,
         )
+        if config.compat == "verl-agent":
+            # the reference applies the penalty itself, to the game's reward without it
+            estimator.set_keys(reward="env_reward")
+        self.loss.make_value_estimator(estimator)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.learning_rate,
