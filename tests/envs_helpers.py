@@ -56,3 +56,24 @@ class BadReward(Counter):
         if self.n == self.bad_at:
             result.reward = self.bad_reward
         return result
+
+
+class Tasks(TextGame):
+    """``seed % tasks`` is the task, seen in the initial state; one step ends the episode,
+    with a NaN reward when ``nan_reward`` (a faulty game)."""
+
+    task = "Say anything."
+
+    def __init__(self, tasks: int = 10, nan_reward: bool = False):
+        self.tasks, self.nan_reward = tasks, nan_reward
+
+    def reset(self, seed: int) -> str:
+        self.n = seed % self.tasks
+        return f"task {self.n}"
+
+    def step(self, action: str) -> StepResult:
+        reward = float("nan") if self.nan_reward else 1.0
+        return StepResult("done", reward=reward, terminated=True, success=True)
+
+    def state(self) -> int:
+        return self.n

@@ -17,6 +17,7 @@ from gigpo_torchrl.policy import (
     scoring_wrapper,
 )
 from gigpo_torchrl.policy.actor import LLMPolicy
+from tests.envs_helpers import Tasks
 
 
 class Countdown(TextGame):
@@ -195,3 +196,115 @@ def test_smollm2_plays_sokoban_offline():
         for a, ok in zip(batch["action_text"], batch["action_valid"].reshape(-1), strict=True)
         if not ok
     }
+
+
+def tasks_env(tasks, **kwargs):
+    return lambda b: TextEnv(lambda: Tasks(tasks, **kwargs), batch_size=b, max_steps=1)
+
+
+def start_hashes(batch):
+    return set(batch[batch["step"] == 0]["state_hash"].tolist())
+
+
+def test_training_never_draws_a_validation_task(policy):
+    val = GroupCollector(tasks_env(10), policy, num_groups=3, num_generations=1, held_out=True)
+    assert val.tasks_held_out and len(val.held_out_tasks) == 3
+    first = val.collect()
+    assert start_hashes(first) == set(val.held_out_tasks)
+    assert val.stats["tasks_held_out"] is True
+    assert start_hashes(val.collect()) == set(val.held_out_tasks)  # the same tasks each time
+    train = GroupCollector(
+        tasks_env(10),
+        policy,
+        num_groups=4,
+        num_generations=2,
+        seed=1,
+        exclude_tasks=val.held_out_tasks,
+    )
+    redrawn = 0
+    for _ in range(12):
+        batch = train.collect()
+        assert not start_hashes(batch) & val.held_out_tasks
+        # a group still shares its task: N trajectories from one initial state
+        first = batch[batch["step"] == 0]
+        for g in set(first["group_id"].tolist()):
+            assert len(set(first[first["group_id"] == g]["state_hash"].tolist())) == 1
+        redrawn += train.stats["tasks_redrawn"]
+        assert train.stats["tasks_held_out"] is True
+    assert redrawn > 0  # 48 draws from 10 tasks met the 3 held-out ones, and were redrawn
+
+
+def test_frozenlake_validation_maps_stay_out_of_training(policy):
+    """The issue's case: 2 of frozenlake 4x4's 4 validation maps appeared in training."""
+    val = GroupCollector(
+        "frozenlake", policy, num_groups=4, num_generations=1, max_steps=1, held_out=True
+    )
+    assert len(val.held_out_tasks) == 4
+    train = GroupCollector(
+        "frozenlake",
+        policy,
+        num_groups=16,
+        num_generations=2,
+        max_steps=1,
+        exclude_tasks=val.held_out_tasks,
+    )
+    assert not start_hashes(train.collect()) & val.held_out_tasks
+    redrawn = 0
+    for _ in range(50):  # 800 more draws, without playing them: how each batch starts
+        starts = set(train._reset_tasks()["state_hash"].tolist())
+        assert not starts & val.held_out_tasks
+        redrawn += train._redrawn
+    assert redrawn > 0  # the frequent maps were met, and redrawn
+
+
+def test_held_out_tasks_resume_and_redraws_are_deterministic(policy):
+    def make():
+        val = GroupCollector(tasks_env(10), policy, num_groups=3, num_generations=1, held_out=True)
+        train = GroupCollector(tasks_env(10), policy, num_groups=4, num_generations=1, seed=2)
+        train.exclude_tasks(val.held_out_tasks)
+        return val, train
+
+    val, train = make()
+    train.collect()
+    state = train.state_dict()
+    expected = start_hashes(train.collect())
+    val2, train2 = make()
+    assert val2.held_out_tasks == val.held_out_tasks
+    train2.load_state_dict(state)
+    assert start_hashes(train2.collect()) == expected
+
+
+def test_an_env_with_one_initial_state_says_it_cannot_hold_out(policy):
+    with pytest.warns(UserWarning, match=r"cliffwalking: .*1 distinct initial state.* cannot"):
+        val = GroupCollector(
+            "cliffwalking", policy, num_groups=2, num_generations=1, max_steps=1, held_out=True
+        )
+    assert not val.tasks_held_out and val.held_out_tasks == frozenset()
+    val.collect()
+    assert val.stats["tasks_held_out"] is False
+    train = GroupCollector("cliffwalking", policy, num_groups=2, num_generations=1, max_steps=1)
+    train.exclude_tasks(val.held_out_tasks)
+    train.collect()
+    assert train.stats["tasks_held_out"] is False and train.stats["tasks_redrawn"] == 0
+
+
+def test_an_env_with_few_tasks_holds_out_at_most_half(policy):
+    with pytest.warns(UserWarning, match=r"only 1 of the 4 validation groups"):
+        val = GroupCollector(tasks_env(3), policy, num_groups=4, num_generations=1, held_out=True)
+    assert val.tasks_held_out and len(val.held_out_tasks) == 1
+    assert start_hashes(val.collect()) == set(val.held_out_tasks)
+
+
+def test_a_faulty_game_costs_only_its_episode_and_is_counted(policy):
+    def env(b):
+        faulty = iter([True, True, False, False])  # group 0 plays a game with a NaN reward
+        return TextEnv(lambda: Tasks(10, nan_reward=next(faulty)), batch_size=b, max_steps=1)
+
+    collector = GroupCollector(env, policy, num_groups=2, num_generations=2)
+    with pytest.warns(UserWarning, match="first failure") as caught:
+        batch = collector.collect()
+    assert len(caught) == 1
+    assert collector.stats["env_errors"] == 2
+    assert torch.isfinite(batch["next", "reward"]).all()
+    assert batch["next", "truncated"].reshape(-1).tolist() == [True, True, False, False]
+    GIGPOAdvantage()(batch)  # the batch trains as usual

@@ -7,7 +7,9 @@ import pytest
 import torch
 from tensordict import TensorDict
 
+from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.envs import SwiftEnvGame, TextEnv, make_env, register_swift_envs, stable_hash
+from gigpo_torchrl.policy import LLMPolicy, make_char_tokenizer, make_tiny_model
 
 
 class GuessEnv:
@@ -26,6 +28,7 @@ class GuessEnv:
 
     async def step(self, messages):
         assert messages[0]["role"] == "system" and messages[-1]["role"] == "assistant"
+        self.received = messages
         found = re.search(r"\d+", messages[-1]["content"])
         if found is None:
             return "Say a number.", -0.1, False, {"state_hash": (self.low, self.high)}
@@ -109,3 +112,36 @@ def test_register_swift_envs_takes_an_ms_swift_envs_dict():
     assert env.max_steps == 4
     assert env.reset()["observation"][0] == "Guess a number from 0 to 4."
     env.close()
+
+
+def test_a_swift_env_receives_the_whole_reply_unchanged():
+    """ms-swift envs parse the assistant message themselves: no cleaning, no 256 cap."""
+    reply = "Let me think.\n\n  Lower  than four,\tso:  <answer>3</answer>  " + "x" * 400
+    env = TextEnv(lambda: SwiftEnvGame(GuessEnv), batch_size=1)
+    assert env.raw_actions == [True]
+    td = env.reset(TensorDict({"seed": torch.tensor([3])}, [1]))
+    td["action_text"] = [reply]
+    out = env.step(td)["next"]
+    assert out["action_valid"].item() and out["success"].item()
+    assert env.games[0].env.received[-1] == {"role": "assistant", "content": reply}
+    td = env.reset(TensorDict({"seed": torch.tensor([3])}, [1]))
+    td["action_text"] = [None]  # still text only
+    assert not env.step(td)["next", "action_valid"].item()
+
+
+def test_the_collector_hands_swift_envs_the_raw_reply():
+    tokenizer = make_char_tokenizer()
+    policy = LLMPolicy(make_tiny_model(tokenizer), tokenizer, max_new_tokens=6, forbid_special=True)
+    collector = GroupCollector(
+        lambda b: TextEnv(lambda: SwiftEnvGame(GuessEnv), batch_size=b, max_steps=2),
+        policy,
+        num_groups=1,
+        num_generations=2,
+    )
+    batch = collector.collect()
+    replies = list(batch["text", "response"])
+    assert list(batch["action_text"]) == replies  # not parsed: the whole reply
+    for i, game in enumerate(collector.env.games):
+        sent = [m["content"] for m in game.messages if m["role"] == "assistant"]
+        mine = [r for r, t in zip(replies, batch["traj_id"].tolist(), strict=True) if t == i]
+        assert sent == mine

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,15 @@ from tensordict import NonTensorStack, TensorDict, TensorDictBase, lazy_stack
 from tqdm.auto import tqdm
 
 from gigpo_torchrl.envs import TextEnv, make_env
+from gigpo_torchrl.envs.seeding import check_seed
 from gigpo_torchrl.functional import anchor_groups, dense_ids
 from gigpo_torchrl.policy.parsing import parse_action
 from gigpo_torchrl.policy.prompts import PromptBuilder
+
+#: at most this many reset seeds are tried to find distinct held-out tasks
+PROBE_RESETS = 256
+#: a training draw that keeps meeting held-out tasks gives up after this many rounds
+MAX_REDRAW_ROUNDS = 1000
 
 
 def _positive(name: str, value: Any) -> int:
@@ -60,8 +67,31 @@ class GroupCollector:
         parse: ``(reply, admissible) -> action`` (default :func:`parse_action`).
         progress: show a tqdm bar over batches.
         env_kwargs: passed to ``make_env`` when ``env`` is a name.
-        held_out: draw odd task seeds instead of even ones, so that a validation collector
-            never meets a training task.
+        held_out: make this a validation collector over a fixed set of held-out tasks
+            (see below).
+        exclude_tasks: initial ``state_hash`` values of tasks this collector must never
+            draw (a validation collector's :attr:`held_out_tasks`); see
+            :meth:`exclude_tasks`.
+
+    Held-out tasks. A task is what an episode starts from: its initial state, identified
+    by the ``state_hash`` after reset (two seeds that give the same start are the same
+    task). A ``held_out=True`` collector picks its tasks once, when it is made: it resets
+    its env with seeds from its sampler (at most ``PROBE_RESETS``), keeps the first
+    ``num_groups`` distinct initial states, never more than half of the distinct ones it
+    saw, and plays exactly those at every :meth:`collect`. Their hashes are
+    :attr:`held_out_tasks`; give them to the training collector
+    (``exclude_tasks=val.held_out_tasks``), which then redraws any group whose initial
+    state is one of them, so training never plays a validation task. When the env shows
+    too few distinct initial states to hold any out (cliffwalking has one for every seed,
+    tic-tac-toe an empty board) it warns, :attr:`tasks_held_out` is False, validation
+    plays tasks that training plays too, and ``stats["tasks_held_out"]`` says so; with a
+    few but fewer than ``2 * num_groups``, it warns that validation groups repeat tasks.
+
+    Stats (:attr:`stats`, per batch): ``success_rate``, ``mean_return``,
+    ``mean_episode_length``, ``invalid_action_rate``, ``env_errors`` (episodes a game
+    ended by failing: see :class:`~gigpo_torchrl.envs.TextEnv`), ``tasks_held_out``,
+    ``tasks_redrawn`` (training groups redrawn because they met a held-out task),
+    anchor-group sizes and generation counts.
     """
 
     def __init__(
@@ -80,6 +110,7 @@ class GroupCollector:
         progress: bool = False,
         env_kwargs: dict | None = None,
         held_out: bool = False,
+        exclude_tasks: Iterable[int] = (),
     ):
         self.num_groups = _positive("num_groups", num_groups)
         self.num_generations = _positive("num_generations", num_generations)
@@ -102,11 +133,21 @@ class GroupCollector:
         self.total_batches = total_batches
         self.replay_buffer = replay_buffer
         self.progress = progress
-        self._rng = np.random.default_rng(seed)
-        self.held_out = bool(held_out)
+        self._rng = np.random.default_rng(check_seed(seed))
         self.batches_collected = 0
         self._next_traj = 0
         self.stats: dict[str, Any] = {}
+        self.held_out = bool(held_out)
+        #: initial state hashes of this (validation) collector's held-out tasks
+        self.held_out_tasks: frozenset[int] = frozenset()
+        #: whether this collector's tasks are kept apart from the other side's
+        self.tasks_held_out = False
+        self._fixed_seeds: torch.Tensor | None = None
+        self._excluded = torch.zeros(0, dtype=torch.long)
+        self._redrawn = 0
+        if self.held_out:
+            self._choose_held_out_tasks()
+        self.exclude_tasks(exclude_tasks)
 
     # -- checkpointing -------------------------------------------------------------------
 
@@ -150,10 +191,94 @@ class GroupCollector:
 
     # -- collection ----------------------------------------------------------------------
 
+    # -- tasks -----------------------------------------------------------------------
+
+    def exclude_tasks(self, state_hashes: Iterable[int]) -> None:
+        """Never draw a task whose initial ``state_hash`` is in ``state_hashes`` (the
+        validation collector's :attr:`held_out_tasks`); replaces any previous set."""
+        if self.held_out and state_hashes:
+            raise ValueError("a held_out collector plays fixed tasks: it cannot exclude any")
+        hashes = sorted({int(h) for h in state_hashes})
+        self._excluded = torch.tensor(hashes, dtype=torch.long)
+        if not self.held_out:
+            self.tasks_held_out = bool(hashes)
+
+    def _name(self) -> str:
+        return str(getattr(self.env, "name", None) or type(self.env).__name__)
+
+    def _choose_held_out_tasks(self) -> None:
+        """Probe reset seeds; keep up to ``num_groups`` distinct initial states (at most
+        half of those seen) as this collector's fixed tasks."""
+        n_env, wanted = self.num_groups * self.num_generations, self.num_groups
+        seeds_of: dict[int, list[int]] = {}  # initial state hash -> seeds, in probe order
+        probed: list[int] = []
+        while len(probed) < PROBE_RESETS and len(seeds_of) < 2 * wanted:
+            seeds = self._rng.choice(2**31, size=n_env, replace=False).tolist()
+            td = self.env.reset(TensorDict({"seed": torch.tensor(seeds)}, [n_env]))
+            for seed, state in zip(seeds, td["state_hash"].tolist(), strict=True):
+                seeds_of.setdefault(state, []).append(seed)
+            probed += seeds
+        distinct = len(seeds_of)
+        kept = min(wanted, distinct // 2)
+        name = self._name()
+        if kept == 0:
+            warnings.warn(
+                f"{name}: {len(probed)} reset seeds gave {distinct} distinct initial state, so "
+                "validation tasks cannot be held out from training: validation plays tasks "
+                "that training plays too (stats['tasks_held_out'] is False).",
+                stacklevel=3,
+            )
+            self._fixed_seeds = torch.tensor(probed[:wanted], dtype=torch.long)
+            return
+        if kept < wanted:
+            warnings.warn(
+                f"{name}: {len(probed)} reset seeds gave {distinct} distinct initial states; "
+                f"only {kept} of the {wanted} validation groups can have a task of their own "
+                "held out from training (at most half the tasks are held out), so validation "
+                "groups repeat these tasks, with other seeds where the env has some.",
+                stacklevel=3,
+            )
+        held = list(seeds_of)[:kept]
+        seeds = [seeds_of[held[g % kept]] for g in range(wanted)]
+        self._fixed_seeds = torch.tensor(
+            [choices[(g // kept) % len(choices)] for g, choices in enumerate(seeds)],
+            dtype=torch.long,
+        )
+        self.held_out_tasks = frozenset(held)
+        self.tasks_held_out = True
+
     def _task_seeds(self) -> torch.Tensor:
-        seeds = 2 * self._rng.choice(2**30 - 1, size=self.num_groups, replace=False)
-        seeds = torch.as_tensor(seeds + self.held_out, dtype=torch.long)
-        return seeds.repeat_interleave(self.num_generations)
+        """One seed per group: the fixed held-out ones, or fresh draws."""
+        if self._fixed_seeds is not None:
+            return self._fixed_seeds.clone()
+        seeds = self._rng.choice(2**31, size=self.num_groups, replace=False)
+        return torch.as_tensor(seeds, dtype=torch.long)
+
+    def _reset_tasks(self) -> TensorDictBase:
+        """Reset the env for a batch: each group's N envs with one seed, redrawing any
+        group whose initial state is an excluded (held-out) task."""
+        n, n_env = self.num_generations, self.num_groups * self.num_generations
+        seeds = self._task_seeds()
+        td = self.env.reset(TensorDict({"seed": seeds.repeat_interleave(n)}, [n_env]))
+        self._redrawn = 0
+        if not self._excluded.numel():
+            return td
+        for _ in range(MAX_REDRAW_ROUNDS):
+            met = torch.isin(td["state_hash"].reshape(-1)[::n], self._excluded)
+            if not bool(met.any()):
+                return td
+            self._redrawn += int(met.sum())
+            seeds[met] = torch.as_tensor(self._rng.integers(2**31, size=int(met.sum())))
+            again = TensorDict(
+                {"seed": seeds.repeat_interleave(n), "_reset": met.repeat_interleave(n)[:, None]},
+                [n_env],
+            )
+            td = self.env.reset(again)
+        raise RuntimeError(
+            f"{self._name()}: {MAX_REDRAW_ROUNDS} rounds of reset seeds kept meeting the "
+            f"{self._excluded.numel()} held-out validation tasks; the env has too few other "
+            "tasks to train on"
+        )
 
     def collect(self) -> TensorDictBase:
         """Run one batch of episode groups and return its step rows."""
@@ -165,7 +290,9 @@ class GroupCollector:
         self._next_traj += n_env
         self.batches_collected += 1
 
-        td = self.env.reset(TensorDict({"seed": self._task_seeds()}, [n_env]))
+        td = self._reset_tasks()
+        raw = list(getattr(self.env, "raw_actions", None) or [False] * n_env)
+        env_errors = 0
         memory = self.prompt_builder.memory
         history = [deque(maxlen=memory) for _ in range(n_env)]
         rows: list[TensorDict] = []
@@ -191,10 +318,16 @@ class GroupCollector:
             generated_rows += len(active)
             actions = [""] * n_env
             for k, i in enumerate(active):
-                actions[i] = self.parse(replies[k]["text", "response"], tuple(admissible[i]))
+                reply = replies[k]["text", "response"]
+                # games with raw_action (ms-swift envs) parse the whole reply themselves
+                actions[i] = reply if raw[i] else self.parse(reply, tuple(admissible[i]))
             td["action_text"] = NonTensorStack.from_list(actions)
             next_td = self.env.step(td)["next"]
+            has_errors = next_td.get("error", None) is not None
+            errors = list(next_td["error"]) if has_errors else [""] * n_env
             for k, i in enumerate(active):
+                if errors[i]:  # the game failed: its episode ended
+                    env_errors += 1
                 rows.append(
                     self._row(td, next_td, replies[k], i, group_ids[i], traj_ids[i], actions[i])
                 )
@@ -203,6 +336,11 @@ class GroupCollector:
             td = next_td
         batch = lazy_stack(rows)
         self.stats = self._statistics(batch, generated_rows)
+        self.stats.update(
+            env_errors=env_errors,
+            tasks_held_out=self.tasks_held_out,
+            tasks_redrawn=self._redrawn,
+        )
         if self.replay_buffer is not None:
             self.replay_buffer.extend(batch)
         return batch

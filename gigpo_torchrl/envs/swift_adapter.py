@@ -31,11 +31,14 @@ class SwiftEnvGame(TextGame):
     """An ms-swift-style gym ``Env`` as a :class:`~gigpo_torchrl.envs.TextGame`.
 
     The conversation is kept as ms-swift keeps it: the system message from ``reset``, then
-    alternating user observations and assistant actions; ``step`` receives a copy of it
-    ending with the new assistant message. The anchor state is ``info["state_hash"]`` when
-    the env reports one, else the observation text. If neither changes during a whole
-    episode of several steps, a warning says so once per env class: every step would share
-    one anchor and GIGPO's step term would carry no information.
+    alternating user observations and assistant messages; ``step`` receives a copy of it
+    ending with the new assistant message, which is the model's whole reply, exactly as
+    generated (``raw_action = True``: the collector does not parse it and ``TextEnv`` does
+    not clean or cap it; the env parses the action itself, as under ms-swift). The anchor
+    state is ``info["state_hash"]`` when the env reports one, else the observation text. If
+    neither changes during a whole episode of several steps, a warning says so once per env
+    class: every step would share one anchor and GIGPO's step term would carry no
+    information.
 
     Args:
         env_factory: ``() -> Env`` (the ms-swift env class itself works).
@@ -43,6 +46,8 @@ class SwiftEnvGame(TextGame):
         success: ``(reward, done, info) -> bool``; default ``info["success"]`` if present,
             else ``done and reward > 0``.
     """
+
+    raw_action = True
 
     def __init__(
         self,

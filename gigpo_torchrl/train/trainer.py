@@ -34,6 +34,7 @@ METRICS = (
     "mean_return",
     "mean_episode_length",
     "invalid_action_rate",
+    "env_errors",
     "singleton_fraction",
     "step_group_size_mean",
     "loss",
@@ -121,7 +122,8 @@ class Trainer:
             prompt_builder=prompts,
             env_kwargs=env_kwargs,
         )
-        # A fixed held-out task set: same seeds at every validation, never a training task.
+        # A fixed held-out task set (tasks = initial states), the same at every validation;
+        # training never draws one (unless the env has too few tasks: val_tasks_held_out).
         self.val_collector = GroupCollector(
             config.env,
             self.val_policy,
@@ -133,6 +135,7 @@ class Trainer:
             env_kwargs=env_kwargs,
             held_out=True,
         )
+        self.collector.exclude_tasks(self.val_collector.held_out_tasks)
         self._val_sampler = self.val_collector.state_dict()
         self.loss = GRPOLoss(
             scoring_wrapper(model, tokenizer),
@@ -249,6 +252,7 @@ class Trainer:
                     "mean_return",
                     "mean_episode_length",
                     "invalid_action_rate",
+                    "env_errors",
                     "singleton_fraction",
                     "tokens_generated",
                 )
@@ -330,6 +334,7 @@ class Trainer:
             "env_steps": self.env_steps,
             "val_success_rate": stats["success_rate"],
             "val_mean_return": stats["mean_return"],
+            "val_tasks_held_out": stats["tasks_held_out"],
         }
         self._log(record)
         return record
