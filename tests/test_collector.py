@@ -172,6 +172,9 @@ def test_task_sampler_state_round_trips(policy):
         ({"num_groups": 0}, "num_groups=0"),
         ({"num_generations": 1.5}, "num_generations=1.5"),
         ({"total_batches": -1}, "total_batches=-1"),
+        ({"seed": -1}, "seed=-1"),
+        ({"seed": 2**63}, "seed=9223372036854775808"),
+        ({"seed": 0.5}, "seed=0.5"),
     ],
 )
 def test_bad_arguments(policy, kwargs, message):
