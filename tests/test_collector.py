@@ -311,3 +311,13 @@ def test_a_faulty_game_costs_only_its_episode_and_is_counted(policy):
     assert torch.isfinite(batch["next", "reward"]).all()
     assert batch["next", "truncated"].reshape(-1).tolist() == [True, True, False, False]
     GIGPOAdvantage()(batch)  # the batch trains as usual
+
+
+def test_training_draws_tasks_of_every_seed_parity(policy):
+    """Seeds are not split by parity any more: an env whose task is ``seed % 4`` (a task
+    list indexed by the seed) showed training only tasks 0 and 2."""
+    train = GroupCollector(tasks_env(4), policy, num_groups=4, num_generations=1)
+    starts = set()
+    for _ in range(10):
+        starts |= set(train._reset_tasks()["state_hash"].tolist())
+    assert len(starts) == 4

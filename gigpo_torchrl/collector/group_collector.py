@@ -251,6 +251,8 @@ class GroupCollector:
         """One seed per group: the fixed held-out ones, or fresh draws."""
         if self._fixed_seeds is not None:
             return self._fixed_seeds.clone()
+        # any seed (no parity split: an env whose task is seed % 2k would then lose half its
+        # tasks); training and validation are kept apart by initial state (exclude_tasks)
         seeds = self._rng.choice(2**31, size=self.num_groups, replace=False)
         return torch.as_tensor(seeds, dtype=torch.long)
 
