@@ -42,7 +42,8 @@ class GroupCollector:
 
     Iterating yields one TensorDict of flat step rows per batch, lazily stacked (token
     tensors are ragged), with the DESIGN.md keys: ``group_id``, ``traj_id``, ``step``,
-    ``state_hash`` (before the action), ``observation``, ``action_text``, ``action_valid``
+    ``state_hash`` (before the action), ``observation``, ``action_text`` (the parsed action;
+    the whole reply for games with ``raw_action``, such as ms-swift envs), ``action_valid``
     and ``success`` ``[1]``, ``("next", "reward" | "done" | "terminated" | "truncated")``
     ``[1]``, ``("next", "env_reward")`` ``[1]`` (the reward without the invalid-action
     penalty, for ``GIGPOAdvantage(compat="verl-agent")``), plus the policy's
@@ -189,16 +190,14 @@ class GroupCollector:
     def shutdown(self) -> None:
         self.env.close(raise_if_closed=False)
 
-    # -- collection ----------------------------------------------------------------------
-
-    # -- tasks -----------------------------------------------------------------------
+    # -- tasks ---------------------------------------------------------------------------
 
     def exclude_tasks(self, state_hashes: Iterable[int]) -> None:
         """Never draw a task whose initial ``state_hash`` is in ``state_hashes`` (the
         validation collector's :attr:`held_out_tasks`); replaces any previous set."""
-        if self.held_out and state_hashes:
-            raise ValueError("a held_out collector plays fixed tasks: it cannot exclude any")
         hashes = sorted({int(h) for h in state_hashes})
+        if self.held_out and hashes:
+            raise ValueError("a held_out collector plays fixed tasks: it cannot exclude any")
         self._excluded = torch.tensor(hashes, dtype=torch.long)
         if not self.held_out:
             self.tasks_held_out = bool(hashes)
@@ -281,6 +280,8 @@ class GroupCollector:
             f"{self._excluded.numel()} held-out validation tasks; the env has too few other "
             "tasks to train on"
         )
+
+    # -- collection ----------------------------------------------------------------------
 
     def collect(self) -> TensorDictBase:
         """Run one batch of episode groups and return its step rows."""
