@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 
 def pytest_addoption(parser):
@@ -16,3 +17,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Every device this machine has: CPU always, CUDA too when present, so the same
+    ``pytest`` on a GPU machine covers the GPU path."""
+    return request.param

@@ -49,6 +49,8 @@ class LLMPolicy(TensorDictModuleBase):
     - ``("log_probs", "full")`` float: the behaviour log-prob of every reply token under the
       model that generated it (equal to teacher-forced scoring), NaN at prompt positions;
       this is what ``GRPOLoss`` reads as the sampling log-probs;
+    - ``("log_probs", "response")``: the same log-probs, reply tokens only (what
+      :class:`~gigpo_torchrl.objectives.GIGPOLoss` reads);
     - ``("text", "response")``: the decoded reply (special tokens removed).
 
     Args:
@@ -70,6 +72,7 @@ class LLMPolicy(TensorDictModuleBase):
         ("tokens", "response"),
         ("tokens", "full"),
         ("log_probs", "full"),
+        ("log_probs", "response"),
         ("text", "response"),
     ]
 
@@ -217,6 +220,7 @@ class LLMPolicy(TensorDictModuleBase):
                     ("tokens", "response"): r,
                     ("tokens", "full"): f,
                     ("log_probs", "full"): lp,
+                    ("log_probs", "response"): lp[len(p) :],
                     ("text", "prompt"): text,
                     ("text", "response"): self.tokenizer.decode(r, skip_special_tokens=True),
                 }

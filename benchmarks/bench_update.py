@@ -1,0 +1,139 @@
+"""Update speed: GIGPOLoss's packed micro-batches against the first wave's GRPOLoss scheme.
+
+One batch of step rows is collected with the main job's settings, then the gradient of its
+loss is computed (forward and backward, no optimizer step) in two ways, alternately, in the
+same process:
+
+- before: torchrl's ``GRPOLoss`` over a ``TransformersWrapper`` (teacher forcing of every
+  full row, full-vocabulary logits at every position, un-pad/re-pad of the logits) in
+  micro-batches of 8 rows in random order, padded to their longest row — the first wave's
+  trainer;
+- after: :class:`~gigpo_torchrl.objectives.GIGPOLoss` with the default token budget: rows
+  sorted by length, each distinct prompt encoded once, the LM head at reply positions only.
+
+Throughput counts the rows' own tokens (prompt + reply) per second, however they are packed.
+The last line reads ``update speed-up: <x>x, padding: <p>%`` (padding of the "after" scheme).
+
+    python benchmarks/bench_update.py                      # SmolLM2-135M, FrozenLake 2×4
+    python benchmarks/bench_update.py --model random:qwen2.5-0.5b --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torchrl.objectives.llm import GRPOLoss
+
+from gigpo_torchrl import GIGPOAdvantage
+from gigpo_torchrl.collector import GroupCollector
+from gigpo_torchrl.objectives import GIGPOLoss
+from gigpo_torchrl.policy import LLMPolicy, load_model, scoring_wrapper
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def before(loss: GRPOLoss, model, batch, rows_per_micro_batch: int) -> float:
+    """The first wave's update: random micro-batches, weighted by their share of rows."""
+
+    def run():
+        model.zero_grad()
+        order = torch.randperm(batch.shape[0])
+        for micro in order.split(rows_per_micro_batch):
+            out = loss(batch[micro])
+            (out.loss_objective * (len(micro) / len(order))).backward()
+
+    return timed(run)
+
+
+def after(loss: GIGPOLoss, model, batch) -> float:
+    def run():
+        model.zero_grad()
+        loss.backward(batch)
+
+    return timed(run)
+
+
+def padding_before(batch, rows_per_micro_batch: int) -> float:
+    lengths = torch.tensor([t.numel() for t in batch.get(("tokens", "full"), as_list=True)])
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0))
+    padded = sum(int(lengths[m].max()) * len(m) for m in order.split(rows_per_micro_batch))
+    return 1 - int(lengths.sum()) / padded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--env", default="frozenlake")
+    parser.add_argument("--groups", type=int, default=2)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--max-steps", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model)
+    policy = LLMPolicy(model, tokenizer, temperature=1.0, max_new_tokens=args.max_new_tokens)
+    collector = GroupCollector(
+        args.env,
+        policy,
+        num_groups=args.groups,
+        num_generations=args.generations,
+        max_steps=args.max_steps,
+        seed=0,
+    )
+    batch = GIGPOAdvantage()(collector.collect())
+    rows = batch.shape[0]
+    row_tokens = sum(t.numel() for t in batch.get(("tokens", "full"), as_list=True))
+    reply_tokens = sum(t.numel() for t in batch.get(("tokens", "response"), as_list=True))
+    distinct = len({tuple(t.tolist()) for t in batch.get(("tokens", "prompt"), as_list=True)})
+    print(
+        f"{args.model}, {args.env}: {rows} step rows, {row_tokens} tokens "
+        f"({reply_tokens} reply tokens), {distinct} distinct prompts, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+    model.train()
+    grpo = GRPOLoss(
+        scoring_wrapper(model, tokenizer),
+        masking_strategy="sft",
+        aggregation="token_mean",
+        entropy_bonus=False,
+    )
+    gigpo = GIGPOLoss(model)
+    times = {"before": [], "after": []}
+    for _ in range(args.repeats):
+        times["before"].append(before(grpo, model, batch, 8))
+        times["after"].append(after(gigpo, model, batch))
+    stats = gigpo.backward(batch)
+    model.zero_grad()
+    t_before, t_after = (statistics.median(times[k]) for k in ("before", "after"))
+    pad_after = float(stats["padding_fraction"])
+    print(f"{'scheme':<44} {'seconds':>8} {'tokens/s':>9} {'padding':>8}")
+    print(
+        f"{'before: GRPOLoss, 8 random rows, full logits':<44} {t_before:>8.2f} "
+        f"{row_tokens / t_before:>9.0f} {padding_before(batch, 8):>8.1%}"
+    )
+    print(
+        f"{'after: GIGPOLoss, packed, reply-only head':<44} {t_after:>8.2f} "
+        f"{row_tokens / t_after:>9.0f} {pad_after:>8.1%}"
+    )
+    print(
+        f"(medians of {args.repeats}; after: {int(stats['micro_batches'])} micro-batches, "
+        f"{int(stats['tokens'])} positions processed for {row_tokens} row tokens)"
+    )
+    print(f"update speed-up: {t_before / t_after:.2f}x, padding: {pad_after:.1%}")
+
+
+if __name__ == "__main__":
+    main()
