@@ -44,7 +44,10 @@ HELP = {
     "dtype": "auto, float32 or bfloat16 (autocast, fp32 weights and optimizer state); "
     "auto: bfloat16 on CUDA, float32 on CPU",
     "gradient_checkpointing": "recompute activations in backward: less memory, ~30%% slower",
-    "num_threads": "torch intra-op threads on CPU (default: one per core)",
+    "num_threads": "torch intra-op threads on CPU (default: the cores not busy at start-up)",
+    "train_layers": "train only the top K decoder layers (and the final norm): backward stops "
+    "there; embeddings and LM head frozen",
+    "val_at_start": "validate once before the first update (the baseline of the curves)",
     "val_every": "validate every K iterations (and at the end)",
     "save_every": "checkpoint every K iterations (and at the end)",
     "logger": "csv, tensorboard or wandb",

@@ -74,6 +74,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     lora: bool = False
     lora_rank: int = 8
+    train_layers: int | None = None
     # -- engine --
     device: str = "auto"
     dtype: str = "auto"
@@ -81,6 +82,7 @@ class TrainConfig:
     num_threads: int | None = None
     # -- validation, logging, checkpoints --
     val_every: int = 4
+    val_at_start: bool = True
     val_groups: int = 4
     val_temperature: float = 0.4
     save_every: int = 4
@@ -157,6 +159,9 @@ class TrainConfig:
         number("micro_batch_size", 1, integer=True, allow_none=True)
         number("max_tokens_per_micro_batch", 1, integer=True, allow_none=True)
         number("num_threads", 1, integer=True, allow_none=True)
+        number("train_layers", 1, integer=True, allow_none=True)
+        if self.lora and self.train_layers is not None:
+            raise ValueError("--lora and --train_layers are exclusive: choose one")
         choice("loss_agg_mode", LOSS_AGG_MODES)
         choice("dtype", DTYPES)
         if self.model.startswith("random:"):
