@@ -9,6 +9,8 @@ from tensordict import TensorDict, TensorDictBase, lazy_stack
 from tensordict.nn import TensorDictModuleBase
 from torchrl.modules.llm import TransformersWrapper
 
+from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
+
 
 def scoring_wrapper(model, tokenizer) -> TransformersWrapper:
     """torchrl's wrapper computing teacher-forced log-probs of ``("tokens", "full")`` rows.
@@ -115,6 +117,17 @@ class LLMPolicy(TensorDictModuleBase):
             special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
             generate_kwargs["bad_words_ids"] = [[i] for i in sorted(special)]
         self.generate_kwargs = generate_kwargs
+        stop = model.generation_config.eos_token_id
+        stop = stop if isinstance(stop, list) else [stop]
+        self.sampling = SamplingSettings(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_ids=tuple(
+                dict.fromkeys(i for i in [tokenizer.eos_token_id, *stop] if i is not None)
+            ),
+            forbidden_ids=tuple(i for (i,) in generate_kwargs.get("bad_words_ids", [])),
+        )
         self.sampler = sampler
         self.scorer = scoring_wrapper(model, tokenizer)
 
@@ -152,42 +165,18 @@ class LLMPolicy(TensorDictModuleBase):
 
     @torch.no_grad()
     def generate(self, prompt_tokens: list[torch.Tensor]) -> tuple[list, list]:
-        """Sample replies with ``model.generate`` and keep each reply token's log-prob.
-
-        The log-probs come from the raw (untempered) logits of the decoding steps, which
-        are the teacher-forced logits of the same tokens: no second forward pass over the
-        prompts is needed. (torchrl's generate path zeroes the first reply token's log-prob,
-        pitfall 2, hence our own call.)
+        """Sample replies (:func:`~gigpo_torchrl.policy.sampling.sample_replies`: identical
+        prompts prefilled once, finished replies leave the batch) and keep each reply
+        token's log-prob from the raw logits that sampled it — its teacher-forced log-prob,
+        so no second forward pass over the prompts is needed. (torchrl's generate path
+        zeroes the first reply token's log-prob, pitfall 2, hence our own loop.)
 
         Returns:
             ``(responses, log_probs)``: per prompt, the reply tokens (up to and including
             eos) and their log-probs, on the CPU.
         """
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        width = max(len(t) for t in prompt_tokens)
-        input_ids = torch.full((len(prompt_tokens), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, tokens in enumerate(prompt_tokens):  # left padding, as decoders need
-            input_ids[i, width - len(tokens) :] = tokens
-            attention_mask[i, width - len(tokens) :] = 1
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            pad_token_id=pad,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **self.generate_kwargs,
-        )
-        replies = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, 1).float()
-        log_probs = logits.log_softmax(-1).gather(-1, replies[..., None].to(logits.device))
-        log_probs = log_probs.squeeze(-1).cpu()
-        ends = replies == eos
-        # Each reply stops at its first eos, or at max_new_tokens without one.
-        lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, replies.shape[1]).tolist()
-        return (
-            [replies[i, :n] for i, n in enumerate(lengths)],
-            [log_probs[i, :n] for i, n in enumerate(lengths)],
+        return sample_replies(
+            self.model, prompt_tokens, self.sampling, pad_id=self.tokenizer.pad_token_id
         )
 
     @torch.no_grad()

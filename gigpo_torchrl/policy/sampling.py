@@ -1,0 +1,146 @@
+"""Batched reply sampling with a KV cache: identical prompts prefilled once, finished rows dropped.
+
+Used by :class:`~gigpo_torchrl.policy.LLMPolicy` instead of ``model.generate`` because an
+agent's step batch is full of identical prompts — the N trajectories of a group standing
+in the same state see the same prompt, which is exactly what GIGPO's anchor states are —
+and ``generate`` would prefill every copy. Here each distinct prompt is prefilled once and
+its cache rows are copied for the replies that follow it; a reply that reached eos leaves
+the batch, so no compute is spent decoding past it. Every reply token's log-prob comes
+from the raw (untempered) logits that sampled it: the teacher-forced log-prob of that token.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to pick each token.
+
+    Attributes:
+        max_new_tokens: reply length limit.
+        temperature: 0 is greedy; otherwise logits are divided by it before sampling.
+        top_p: nucleus sampling: the smallest set of tokens whose probability reaches
+            ``top_p`` (1 keeps every token).
+        eos_ids: tokens that end a reply (kept as its last token).
+        forbidden_ids: tokens never sampled.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eos_ids: tuple[int, ...] = ()
+    forbidden_ids: tuple[int, ...] = ()
+
+
+def _pick(logits: Tensor, settings: SamplingSettings) -> Tensor:
+    """One token per row of float ``[n, V]`` logits."""
+    if settings.forbidden_ids:
+        logits = logits.clone()
+        logits[:, list(settings.forbidden_ids)] = float("-inf")
+    if settings.temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits / settings.temperature).softmax(-1)
+    if settings.top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= settings.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0)
+        return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _left_padded(prompts: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, tokens in enumerate(prompts):
+        ids[i, width - len(tokens) :] = tokens
+        mask[i, width - len(tokens) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample_replies(
+    model: torch.nn.Module,
+    prompts: Sequence[Tensor],
+    settings: SamplingSettings,
+    *,
+    pad_id: int,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Sample one reply per prompt with ``model`` (a transformers causal LM).
+
+    Args:
+        prompts: R int64 token sequences, each non-empty.
+        settings: see :class:`SamplingSettings`.
+        pad_id: fills the left padding (masked out).
+
+    Returns:
+        ``(replies, log_probs)``: per prompt, the reply tokens (up to and including the
+        first eos, or ``max_new_tokens`` long) and their log-probs, on the CPU.
+    """
+    device = next(model.parameters()).device
+    distinct: dict[tuple[int, ...], int] = {}
+    source = [distinct.setdefault(tuple(p.tolist()), len(distinct)) for p in prompts]
+    unique = [torch.as_tensor(p) for p in distinct]
+    ids, mask = _left_padded(unique, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    rows = torch.tensor(source, device=device)
+    cache = out.past_key_values
+    cache.reorder_cache(rows)  # each reply gets its own copy of its prompt's cache
+    logits, mask = out.logits[:, -1].float()[rows], mask[rows]
+
+    count = len(prompts)
+    tokens = torch.zeros(count, settings.max_new_tokens, dtype=torch.long)
+    log_probs = torch.zeros(count, settings.max_new_tokens)
+    lengths = torch.full((count,), settings.max_new_tokens, dtype=torch.long)
+    active = torch.arange(count)  # batch row -> reply index
+    cache_keyword = _cache_keyword(model)
+    eos = torch.tensor(settings.eos_ids, dtype=torch.long, device=device)
+    for t in range(settings.max_new_tokens):
+        token = _pick(logits, settings)
+        log_prob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        tokens[active, t] = token.cpu()
+        log_probs[active, t] = log_prob.cpu()
+        ended = torch.isin(token, eos)
+        if bool(ended.any()):
+            lengths[active[ended.cpu()]] = t + 1
+            keep = torch.nonzero(~ended).squeeze(-1)
+            if keep.numel() == 0:
+                break
+            active, token, mask = active[keep.cpu()], token[keep], mask[keep]
+            cache.reorder_cache(keep)
+        if t + 1 == settings.max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=mask.sum(-1, keepdim=True) - 1,
+            use_cache=True,
+            **{cache_keyword: cache},
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+    return (
+        [tokens[i, :n] for i, n in enumerate(lengths.tolist())],
+        [log_probs[i, :n] for i, n in enumerate(lengths.tolist())],
+    )

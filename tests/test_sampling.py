@@ -1,0 +1,89 @@
+"""Reply sampling against transformers' own ``generate`` and teacher forcing."""
+
+import pytest
+import torch
+
+from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
+from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = make_char_tokenizer()
+    return tokenizer, make_tiny_model(tokenizer, seed=0)
+
+
+def prompts(tokenizer):
+    texts = ["<|im_start|>user\nhello", "<|im_start|>user\na longer prompt here", "x"]
+    ids = [torch.tensor(tokenizer.encode(t)) for t in texts]
+    return [ids[0], ids[1], ids[0], ids[2], ids[0]]  # the first prompt three times
+
+
+def test_greedy_replies_equal_transformers_generate(tiny, device):
+    tokenizer, model = tiny
+    model = model.to(device)
+    eos = tokenizer.eos_token_id
+    settings = SamplingSettings(max_new_tokens=12, temperature=0, eos_ids=(eos,))
+    replies, _ = sample_replies(model, prompts(tokenizer), settings, pad_id=tokenizer.pad_token_id)
+    for prompt, reply in zip(prompts(tokenizer), replies, strict=True):
+        out = model.generate(
+            prompt[None].to(device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt) :].cpu()
+        ends = torch.nonzero(out == eos)
+        expected = out[: int(ends[0]) + 1] if len(ends) else out
+        assert torch.equal(reply, expected)
+    model.cpu()
+
+
+def test_log_probs_are_the_teacher_forced_ones(tiny):
+    tokenizer, model = tiny
+    torch.manual_seed(0)
+    settings = SamplingSettings(max_new_tokens=8, temperature=1.3, top_p=0.9)
+    batch = prompts(tokenizer)
+    replies, log_probs = sample_replies(model, batch, settings, pad_id=tokenizer.pad_token_id)
+    assert [len(r) for r in replies] == [8] * 5  # no eos given: every reply is full length
+    for prompt, reply, lp in zip(batch, replies, log_probs, strict=True):
+        full = torch.cat([prompt, reply])[None]
+        with torch.no_grad():
+            expected = model(full).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        torch.testing.assert_close(lp, expected.gather(-1, reply[:, None])[:, 0], atol=1e-4, rtol=0)
+
+
+def test_identical_prompts_are_prefilled_once_and_sampled_independently(tiny):
+    tokenizer, model = tiny
+    batch = prompts(tokenizer)
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    try:
+        torch.manual_seed(1)
+        replies, _ = sample_replies(
+            model, batch, SamplingSettings(max_new_tokens=6), pad_id=tokenizer.pad_token_id
+        )
+    finally:
+        hook.remove()
+    assert seen[0][0] == 3  # three distinct prompts in the prefill, not five
+    assert seen[1][0] == 5  # then one row per reply
+    copies = [replies[i].tolist() for i in (0, 2, 4)]
+    assert len({tuple(c) for c in copies}) > 1  # the copies are separate samples
+
+
+def test_forbidden_tokens_and_eos(tiny):
+    tokenizer, model = tiny
+    eos = tokenizer.eos_token_id
+    forbidden = tuple(range(4, 60))  # most printable characters
+    settings = SamplingSettings(max_new_tokens=10, eos_ids=(eos,), forbidden_ids=forbidden)
+    torch.manual_seed(2)
+    replies, log_probs = sample_replies(
+        model, prompts(tokenizer) * 4, settings, pad_id=tokenizer.pad_token_id
+    )
+    for reply, lp in zip(replies, log_probs, strict=True):
+        assert not set(reply.tolist()) & set(forbidden)
+        assert len(reply) == len(lp) and bool((lp <= 0).all())
+        # a reply ends at its first eos, or runs to the limit without one
+        assert eos not in reply[:-1].tolist()
+        assert reply[-1] == eos or len(reply) == 10
