@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 
 @dataclass(frozen=True)
@@ -97,15 +98,17 @@ def sample_replies(
     unique = [torch.as_tensor(p) for p in distinct]
     ids, mask = _left_padded(unique, pad_id)
     ids, mask = ids.to(device), mask.to(device)
+    cache_keyword = _cache_keyword(model)
+    cache = DynamicCache(config=model.config)  # filled in place by every forward below
     out = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
         use_cache=True,
         logits_to_keep=1,
+        **{cache_keyword: cache},
     )
     rows = torch.tensor(source, device=device)
-    cache = out.past_key_values
     cache.reorder_cache(rows)  # each reply gets its own copy of its prompt's cache
     logits, mask = out.logits[:, -1].float()[rows], mask[rows]
 
@@ -114,7 +117,6 @@ def sample_replies(
     log_probs = torch.zeros(count, settings.max_new_tokens)
     lengths = torch.full((count,), settings.max_new_tokens, dtype=torch.long)
     active = torch.arange(count)  # batch row -> reply index
-    cache_keyword = _cache_keyword(model)
     eos = torch.tensor(settings.eos_ids, dtype=torch.long, device=device)
     for t in range(settings.max_new_tokens):
         token = _pick(logits, settings)
@@ -139,7 +141,7 @@ def sample_replies(
             use_cache=True,
             **{cache_keyword: cache},
         )
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        logits = out.logits[:, -1].float()
     return (
         [tokens[i, :n] for i, n in enumerate(lengths.tolist())],
         [log_probs[i, :n] for i, n in enumerate(lengths.tolist())],

