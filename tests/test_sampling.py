@@ -87,3 +87,26 @@ def test_forbidden_tokens_and_eos(tiny):
         # a reply ends at its first eos, or runs to the limit without one
         assert eos not in reply[:-1].tolist()
         assert reply[-1] == eos or len(reply) == 10
+
+
+def test_a_common_prefix_is_prefilled_once(tiny):
+    tokenizer, model = tiny
+    system = "<|im_start|>system\nYou play a text game.<|im_end|>\n<|im_start|>user\n"
+    texts = [system + "go north", system + "look around you", system + "go north"]
+    batch = [torch.tensor(tokenizer.encode(t)) for t in texts]
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    try:
+        torch.manual_seed(3)
+        settings = SamplingSettings(max_new_tokens=5, temperature=0.8)
+        replies, log_probs = sample_replies(model, batch, settings, pad_id=tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    shared = len(tokenizer.encode(system))
+    assert tuple(seen[0]) == (1, shared)  # the system prompt and "user" header, once
+    assert tuple(seen[1]) == (2, len("look around you"))  # two distinct remainders
+    for prompt, reply, lp in zip(batch, replies, log_probs, strict=True):
+        with torch.no_grad():
+            logits = model(torch.cat([prompt, reply])[None]).logits[0, len(prompt) - 1 : -1]
+        expected = logits.log_softmax(-1).gather(-1, reply[:, None])[:, 0]
+        torch.testing.assert_close(lp, expected, atol=1e-4, rtol=0)

@@ -1,10 +1,11 @@
 """Batched reply sampling with a KV cache: identical prompts prefilled once, finished rows dropped.
 
 Used by :class:`~gigpo_torchrl.policy.LLMPolicy` instead of ``model.generate`` because an
-agent's step batch is full of identical prompts — the N trajectories of a group standing
-in the same state see the same prompt, which is exactly what GIGPO's anchor states are —
-and ``generate`` would prefill every copy. Here each distinct prompt is prefilled once and
-its cache rows are copied for the replies that follow it; a reply that reached eos leaves
+agent's step batch is full of repeated text — the N trajectories of a group standing in the
+same state see the same prompt (exactly GIGPO's anchor states), and every prompt starts
+with the same system prompt and task — and ``generate`` would prefill every copy. Here the
+prefix common to all prompts is prefilled once, then each distinct prompt's remainder once,
+and the cache rows are copied for the replies that follow; a reply that reached eos leaves
 the batch, so no compute is spent decoding past it. Every reply token's log-prob comes
 from the raw (untempered) logits that sampled it: the teacher-forced log-prob of that token.
 """
@@ -63,6 +64,18 @@ def _cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+# Shorter common prefixes are not worth a forward call of their own.
+MIN_SHARED_PREFIX = 8
+
+
+def _common_prefix(prompts: Sequence[Tensor]) -> int:
+    """Length of the prefix all ``prompts`` share, leaving each at least one token."""
+    shortest = min(len(p) for p in prompts)
+    stacked = torch.stack([p[: shortest - 1] for p in prompts])
+    same = (stacked == stacked[:1]).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
 def _left_padded(prompts: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -96,14 +109,28 @@ def sample_replies(
     distinct: dict[tuple[int, ...], int] = {}
     source = [distinct.setdefault(tuple(p.tolist()), len(distinct)) for p in prompts]
     unique = [torch.as_tensor(p) for p in distinct]
-    ids, mask = _left_padded(unique, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
     cache_keyword = _cache_keyword(model)
     cache = DynamicCache(config=model.config)  # filled in place by every forward below
+    shared = _common_prefix(unique)
+    if len(unique) > 1 and shared >= MIN_SHARED_PREFIX:
+        # the system prompt and task text: encoded once, its cache copied to every prompt
+        model(
+            input_ids=unique[0][None, :shared].to(device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_keyword: cache},
+        )
+        cache.reorder_cache(torch.zeros(len(unique), dtype=torch.long, device=device))
+    else:
+        shared = 0
+    # the rest of each prompt, left-padded after the shared part (masked holes)
+    ids, mask = _left_padded([p[shared:] for p in unique], pad_id)
+    ids = ids.to(device)
+    mask = torch.cat([torch.ones(len(unique), shared, dtype=torch.long), mask], 1).to(device)
     out = model(
         input_ids=ids,
         attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+        position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, shared:],
         use_cache=True,
         logits_to_keep=1,
         **{cache_keyword: cache},
