@@ -4,6 +4,13 @@ The environment is a number line: walk from 0 to a target chosen by the seed. St
 (stepping left then right comes back), which is what GIGPO's step-level credit feeds on.
 
     python examples/custom_env.py
+
+The same file trains from the command line, without packaging it: ``--env FILE:NAME``
+imports the file (or ``--env MODULE:NAME`` a module importable from the current folder),
+whose ``register_env`` call registers NAME. Importing it does not train: the training below
+runs only when the file is run as a script.
+
+    gigpo-train --env examples/custom_env.py:number-line --model tiny --iterations 3
 """
 
 from gigpo_torchrl.envs import InvalidAction, StepResult, TextGame, make_env, register_env
@@ -36,25 +43,29 @@ class NumberLine(TextGame):
     def admissible_actions(self) -> list[str]:
         return ["left", "right"]
 
-    def state(self) -> int:
-        return self.position  # the anchor: the same position is the same state
+    def state(self) -> tuple[int, int]:
+        # the anchor: the same position towards the same target is the same state (the
+        # target is part of it, so tasks with different targets are different tasks)
+        return self.position, self.target
 
 
-# The registered name works everywhere an env name does.
-env = make_env("number-line", batch_size=2, seed=0)
-print(env.reset()["observation"])
+if __name__ == "__main__":
+    # The registered name works everywhere an env name does.
+    env = make_env("number-line", batch_size=2, seed=0)
+    print(env.reset()["observation"])
 
-history = Trainer(
-    TrainConfig(
-        model="tiny",
-        env="number-line",
-        iterations=3,
-        num_groups=2,
-        num_generations=4,
-        max_turns=None,
-        max_new_tokens=4,
-        val_every=3,
-        run_name="number-line",
-    )
-).train()
-print(history[-1])
+    history = Trainer(
+        TrainConfig(
+            model="tiny",
+            env="number-line",
+            iterations=3,
+            num_groups=2,
+            num_generations=4,
+            max_turns=None,
+            max_new_tokens=4,
+            val_every=3,
+            run_name="number-line",
+            overwrite=True,  # running the example again replaces its run
+        )
+    ).train()
+    print(history[-1])

@@ -27,6 +27,7 @@ config = TrainConfig(
     val_every=4,
     run_name="smollm2-frozenlake",
     resume="--resume" in sys.argv,
+    overwrite="--resume" not in sys.argv,  # a fresh start replaces the previous run
 )
 history = Trainer(config).train()
 final = [r for r in history if "val_success_rate" in r][-1]

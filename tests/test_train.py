@@ -1,5 +1,6 @@
 """The trainer and gigpo-train: end to end with the tiny model, resume, CLI validation."""
 
+import importlib.util
 import json
 
 import pytest
@@ -194,12 +195,19 @@ SAMPLE = {
     "run_name": "r",
     "seed": "7",
     "resume": "true",
+    "overwrite": "true",  # refused with resume by check_run_dir, not by parsing
 }
 
 
 def test_every_flag_is_real_and_reaches_the_config():
     assert set(SAMPLE) == set(FIELDS), "add new options to SAMPLE"
-    argv = [token for name, value in SAMPLE.items() for token in (f"--{name}", value)]
+    sample = dict(SAMPLE)
+    if importlib.util.find_spec("tensorboard") is None:  # a logger must be installed
+        argv = [token for name, value in sample.items() for token in (f"--{name}", value)]
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            parse_config(argv)
+        sample["logger"] = "csv"
+    argv = [token for name, value in sample.items() for token in (f"--{name}", value)]
     config = parse_config(argv)
     expected = TrainConfig(
         advantage_estimator="rloo",
@@ -243,11 +251,12 @@ def test_every_flag_is_real_and_reaches_the_config():
         val_groups=3,
         val_temperature=0.2,
         save_every=3,
-        logger="tensorboard",
+        logger=sample["logger"],
         output_dir="out",
         run_name="r",
         seed=7,
         resume=True,
+        overwrite=True,
     )
     assert config == expected
     assert parse_config(["--resume"]).resume is True

@@ -73,6 +73,10 @@ class GroupCollector:
         exclude_tasks: initial ``state_hash`` values of tasks this collector must never
             draw (a validation collector's :attr:`held_out_tasks`); see
             :meth:`exclude_tasks`.
+        on_step: ``on_step(rows, active)``, called after every batched env step of
+            :meth:`collect` with the step rows collected so far in the batch and the number
+            of environments that just acted (a progress display; also settable later as the
+            ``on_step`` attribute).
 
     Held-out tasks. A task is what an episode starts from: its initial state, identified
     by the ``state_hash`` after reset (two seeds that give the same start are the same
@@ -112,6 +116,7 @@ class GroupCollector:
         env_kwargs: dict | None = None,
         held_out: bool = False,
         exclude_tasks: Iterable[int] = (),
+        on_step: Callable[[int, int], None] | None = None,
     ):
         self.num_groups = _positive("num_groups", num_groups)
         self.num_generations = _positive("num_generations", num_generations)
@@ -134,6 +139,7 @@ class GroupCollector:
         self.total_batches = total_batches
         self.replay_buffer = replay_buffer
         self.progress = progress
+        self.on_step = on_step
         self._rng = np.random.default_rng(check_seed(seed))
         self.batches_collected = 0
         self._next_traj = 0
@@ -337,6 +343,8 @@ class GroupCollector:
                 history[i].append((observations[i], actions[i]))
             done = next_td["done"].reshape(-1).clone()
             td = next_td
+            if self.on_step is not None:
+                self.on_step(len(rows), len(active))
         batch = lazy_stack(rows)
         self.stats = self._statistics(batch, generated_rows)
         self.stats.update(

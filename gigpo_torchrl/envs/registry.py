@@ -6,12 +6,20 @@ Environments come from three places, all through the same API:
 - installed packages that declare an entry point in the group ``gigpo_torchrl.envs``; the
   entry point names a module (imported: its ``register_env`` calls run) or a function
   (called with no arguments). The shipped ``gigpo_envs`` package registers this way;
-- ``gym:<id>``: any registered gymnasium id, wrapped by the gymnasium adapter.
+- ``gym:<id>``: any registered gymnasium id, wrapped by the gymnasium adapter;
+- ``<module>:<name>``: import ``module`` (a dotted module name, importable from the
+  installed packages or the current folder, or a ``.py`` file path), whose ``register_env``
+  calls register ``name``; for example ``my_games:keydoor`` or ``games/keydoor.py:keydoor``.
+  This is how ``gigpo-train --env`` reaches a game that is not packaged.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -43,6 +51,7 @@ class EnvSpec:
 
 _REGISTRY: dict[str, EnvSpec] = {}
 _entry_points_loaded = False
+_FILE_MODULES: dict[str, Any] = {}  # absolute .py path -> its module, imported once
 
 
 def register_env(
@@ -95,6 +104,67 @@ def _load_entry_points() -> None:
             loaded()
 
 
+def split_env_name(name: str) -> tuple[str | None, str]:
+    """``"module:env"`` → ``("module", "env")``; a plain or ``gym:`` name → ``(None, name)``."""
+    if name.startswith(GYM_PREFIX) or ":" not in name:
+        return None, name
+    module, _, env = name.rpartition(":")
+    return module, env
+
+
+def import_env_module(module: str):
+    """Import the module of a ``module:env`` name (once) so that its environments register.
+
+    ``module`` is a dotted module name (tried from the installed packages, then from the
+    current folder, as ``python -m`` would) or the path of a ``.py`` file (its folder is
+    added to ``sys.path`` so that it can import its neighbours).
+
+    Raises:
+        ValueError: the module or file cannot be found. Errors raised by the module's own
+            code propagate unchanged, with their traceback.
+    """
+    if module.endswith(".py") or os.sep in module or "/" in module:
+        path = os.path.abspath(os.path.expanduser(module))
+        if path in _FILE_MODULES:
+            return _FILE_MODULES[path]
+        if not os.path.isfile(path):
+            raise ValueError(f"env module file {module!r} does not exist")
+        folder = os.path.dirname(path)
+        if folder not in sys.path:
+            sys.path.append(folder)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(
+            f"gigpo_env_file_{len(_FILE_MODULES)}_{stem}", path
+        )
+        if spec is None or spec.loader is None:
+            raise ValueError(f"env module file {module!r} cannot be imported as Python")
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = loaded
+        _FILE_MODULES[path] = loaded
+        try:
+            spec.loader.exec_module(loaded)
+        except BaseException:
+            del sys.modules[spec.name], _FILE_MODULES[path]
+            raise
+        return loaded
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name is None or not module.startswith(error.name):
+            raise  # the module itself was found; something it imports was not
+        if os.getcwd() not in sys.path:  # console scripts do not put the current folder there
+            sys.path.append(os.getcwd())
+            try:
+                return importlib.import_module(module)
+            except ModuleNotFoundError as again:
+                if again.name is None or not module.startswith(again.name):
+                    raise
+        raise ValueError(
+            f"no module named {module!r} (neither installed nor in the current folder "
+            f"{os.getcwd()}); give a dotted module name or a .py file path"
+        ) from None
+
+
 def list_envs() -> list[str]:
     """Names of the registered environments, sorted (``gym:<id>`` names are not listed)."""
     _load_entry_points()
@@ -102,8 +172,19 @@ def list_envs() -> list[str]:
 
 
 def env_spec(name: str) -> EnvSpec:
-    """The :class:`EnvSpec` of a registered name; ``ValueError`` listing the known ones."""
+    """The :class:`EnvSpec` of a registered name (or ``module:name``, importing ``module``
+    first); ``ValueError`` listing the known ones."""
     _load_entry_points()
+    module, name = split_env_name(name)
+    if module is not None:
+        before = set(_REGISTRY)
+        import_env_module(module)
+        if name not in _REGISTRY:
+            added = sorted(set(_REGISTRY) - before)
+            raise ValueError(
+                f"module {module!r} registers no env {name!r}"
+                + (f"; it registered: {', '.join(added)}" if added else "")
+            )
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) or "none"
         raise ValueError(
@@ -124,7 +205,8 @@ def make_env(
     """Build a batched :class:`~gigpo_torchrl.envs.TextEnv` of a registered environment.
 
     Args:
-        name: a registered name, or ``gym:<id>`` for any gymnasium id.
+        name: a registered name, ``gym:<id>`` for any gymnasium id, or ``module:name``
+            (``module`` imported first: a dotted module name or a ``.py`` file path).
         batch_size: number of environments stepped together: an int, ``[n]`` or
             ``torch.Size([n])`` (text envs batch along one dimension).
         seed: seeds the env's RNG (used when ``reset`` is not given explicit seeds); an

@@ -28,7 +28,6 @@ HELP = {
     "compat": "none or verl-agent: compute advantages exactly as the authors' reference",
     "invalid_action_penalty": "subtracted from an invalid action's reward (with --compat "
     "verl-agent: from that row's own score and step return, the reference's way)",
-    "env": "registered env name or gym:<id>",
     "env_kwargs": "JSON object passed to the env factory",
     "model": "tiny, smollm2-135m, random:<preset> (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b "
     "shapes, random weights) or a local checkpoint directory",
@@ -51,7 +50,13 @@ HELP = {
     "val_every": "validate every K iterations (and at the end)",
     "save_every": "checkpoint every K iterations (and at the end)",
     "logger": "csv, tensorboard or wandb",
-    "resume": "continue the run in output_dir/run_name from its last checkpoint",
+    "resume": "continue the run in output_dir/run_name from its last checkpoint (only "
+    "iterations, val_every, save_every, val_at_start, device, num_threads, "
+    "gradient_checkpointing, the micro-batch sizes and output_dir may differ)",
+    "overwrite": "replace the run already in output_dir/run_name (its checkpoint, metrics, "
+    "curves, logger files and model); without it such a folder is refused",
+    "env": "registered env name, gym:<id>, or module:name (import module, e.g. my_games or "
+    "path/to/games.py, then use the env it registers as name)",
 }
 
 
@@ -115,6 +120,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NONE_WORDS = ("none", "null", "")
+
+
+def _from_yaml(name: str, value, source) -> object:
+    """A YAML value as the option's type, converted as the flag's text would be.
+
+    YAML 1.1 reads ``1e-4`` as a string (it wants ``1.0e-4``) and a quoted ``"false"`` is a
+    string, which Python would take as true: both are converted here; a value that does not
+    convert is named.
+    """
+    hint = typing.get_type_hints(TrainConfig)[name]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    kind = dict if typing.get_origin(kind) is dict else kind
+    if value is None or (optional and isinstance(value, str) and value.lower() in NONE_WORDS):
+        if optional:
+            return None
+        raise ValueError(f"{source}: {name} needs a value")
+    converters = {
+        bool: (bool, _bool),
+        int: (int, int),
+        float: ((int, float), float),
+        dict: (dict, _json_object),
+        str: (str, str),
+    }
+    accepted, convert = converters[kind]
+    if isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
+        return value
+    if isinstance(value, str) or (kind is str and isinstance(value, int | float)):
+        try:
+            return convert(value if kind is not str else str(value))
+        except (ValueError, argparse.ArgumentTypeError):
+            pass
+    what = {bool: "true or false", int: "an integer", float: "a number", dict: "a mapping"}
+    raise ValueError(f"{source}: {name}: {value!r} is not {what.get(kind, 'a string')}")
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """The validated :class:`TrainConfig` of a command line.
 
@@ -125,13 +167,20 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     values: dict = {}
     config_file = args.pop("config", None)
     if config_file is not None:
-        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except OSError as error:
+            raise ValueError(f"--config {config_file}: {error.strerror or error}") from None
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise ValueError(f"--config {config_file}: not valid YAML{line}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_file}: expected a mapping of option names to values")
         unknown = sorted(set(loaded) - set(FIELDS))
         if unknown:
             raise ValueError(f"{config_file}: unknown options {unknown}")
-        values.update(loaded)
+        values.update({name: _from_yaml(name, v, config_file) for name, v in loaded.items()})
     values.update(args)
     config = TrainConfig(**values)
     config.validate()
@@ -139,12 +188,29 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, check and train. A user error (a bad option, a folder that cannot be used, a
+    checkpoint that cannot be read, a model that cannot be loaded) ends in one
+    ``gigpo-train: error: ...`` line and exit status 2, before any model loads where the
+    error can be known then."""
     try:
         config = parse_config(argv)
-    except ValueError as error:
-        print(f"gigpo-train: error: {error}", file=sys.stderr)
-        return 2
-    from gigpo_torchrl.train.trainer import Trainer
+        config.check_run_dir()
+        from gigpo_torchrl.train.trainer import Trainer
 
-    Trainer(config).train()
+        trainer = Trainer(config)
+    except ValueError as error:
+        return _error(str(error))
+    except OSError as error:
+        return _error(f"{type(error).__name__}: {error}")
+    except MemoryError:
+        return _error(
+            "out of memory while setting up the run: lower --num_groups, --num_generations, "
+            "--val_groups or --max_new_tokens, or use a smaller --model"
+        )
+    trainer.train()
     return 0
+
+
+def _error(message: str) -> int:
+    print(f"gigpo-train: error: {message}", file=sys.stderr)
+    return 2

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
+import os
 import re
+import tempfile
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gigpo_torchrl.objectives import LOSS_AGG_MODES
@@ -17,6 +22,34 @@ COMPATS = (None, "verl-agent")
 LOGGERS = ("csv", "tensorboard", "wandb")
 DTYPES = ("auto", "float32", "bfloat16")
 BACKENDS = ("transformers", "vllm")
+#: the package each logger needs, and how to install it
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+#: temperatures in (0, MIN_TEMPERATURE) are refused: they sample what greedy decoding (0)
+#: picks, and the smallest divide the logits into inf/NaN probabilities (a crash mid-run)
+MIN_TEMPERATURE = 0.01
+#: environments stepped (and prompts generated) together: num_groups × num_generations
+MAX_PARALLEL_ENVS = 65_536
+#: replies longer than this many tokens are refused (no chat model's context holds them)
+MAX_NEW_TOKENS = 65_536
+#: options a ``--resume`` may change: how long the run goes on, how often it validates and
+#: saves, and how (where, on what, with how many threads or tokens per forward) it computes.
+#: Any other difference would continue the run under other rules, and is refused.
+RESUMABLE = frozenset(
+    {
+        "iterations",
+        "val_every",
+        "save_every",
+        "val_at_start",
+        "device",
+        "num_threads",
+        "gradient_checkpointing",
+        "max_tokens_per_micro_batch",
+        "micro_batch_size",
+        "output_dir",
+        "resume",
+        "overwrite",
+    }
+)
 
 
 @dataclass
@@ -91,10 +124,12 @@ class TrainConfig:
     run_name: str = "gigpo-smollm2-frozenlake"
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad option (checked before any model loads)."""
         from gigpo_torchrl.envs import list_envs
+        from gigpo_torchrl.envs.registry import env_spec, split_env_name
 
         def choice(name, options):
             if getattr(self, name) not in options:
@@ -111,6 +146,7 @@ class TrainConfig:
             if low is not None and (value <= low if strict else value < low):
                 raise ValueError(f"--{name} {value!r} must be {'>' if strict else '>='} {low}")
 
+        self._check_types()
         choice("advantage_estimator", ESTIMATORS)
         choice("norm_adv", NORMS)
         choice("compat", COMPATS)
@@ -121,6 +157,12 @@ class TrainConfig:
                 "--advantage_estimator rloo has no verl-agent counterpart"
             )
         choice("logger", LOGGERS)
+        package = LOGGER_PACKAGES.get(self.logger)
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(
+                f"--logger {self.logger} needs the {package} package, which is not installed: "
+                f"pip install {package} (or use --logger csv)"
+            )
         choice("backend", BACKENDS)
         number("gigpo_step_advantage_weight", 0)
         if self.advantage_estimator == "gigpo" and (not self.use_gym_env or not self.env):
@@ -128,10 +170,16 @@ class TrainConfig:
                 "--advantage_estimator gigpo needs an environment (--use_gym_env true and "
                 "--env NAME): its step-level advantage groups steps by environment state"
             )
-        if not self.env.startswith("gym:") and self.env not in list_envs():
+        if split_env_name(self.env)[0] is not None:
+            try:
+                env_spec(self.env)
+            except ValueError as error:
+                raise ValueError(f"--env {self.env}: {error}") from None
+        elif not self.env.startswith("gym:") and self.env not in list_envs():
             raise ValueError(
                 f"--env {self.env!r} is not a registered environment; known: "
-                f"{', '.join(list_envs())} (or gym:<gymnasium id>)"
+                f"{', '.join(list_envs())} (or gym:<gymnasium id>, or module:name to import "
+                "a module that registers it)"
             )
         if not isinstance(self.env_kwargs, dict):
             raise ValueError(f"--env_kwargs {self.env_kwargs!r} must be a mapping")
@@ -155,6 +203,17 @@ class TrainConfig:
             "lora_rank",
         ):
             number(name, 1, integer=True)
+        for name, value in (
+            ("num_groups × num_generations", self.num_groups * self.num_generations),
+            ("val_groups", self.val_groups),
+        ):
+            if value > MAX_PARALLEL_ENVS:
+                raise ValueError(
+                    f"--{name} = {value} environments stepped together: at most "
+                    f"{MAX_PARALLEL_ENVS} (each step sends all of them to the model at once)"
+                )
+        if self.max_new_tokens > MAX_NEW_TOKENS:
+            raise ValueError(f"--max_new_tokens {self.max_new_tokens} is above {MAX_NEW_TOKENS}")
         number("max_turns", 1, integer=True, allow_none=True)
         number("micro_batch_size", 1, integer=True, allow_none=True)
         number("max_tokens_per_micro_batch", 1, integer=True, allow_none=True)
@@ -175,13 +234,20 @@ class TrainConfig:
         self.resolve_device()
         number("memory", 0, integer=True)
         number("seed", 0, integer=True)
+        if self.seed >= 2**63:
+            raise ValueError(f"--seed {self.seed} must be below 2**63")
         number("beta", 0)
         number("learning_rate", 0, strict=True)
         number("weight_decay", 0)
         number("clip_epsilon", 0, strict=True)
         number("max_grad_norm", 0, strict=True)
-        number("temperature", 0)
-        number("val_temperature", 0)
+        for name in ("temperature", "val_temperature"):
+            number(name, 0)
+            if 0 < getattr(self, name) < MIN_TEMPERATURE:
+                raise ValueError(
+                    f"--{name} {getattr(self, name)!r} is below {MIN_TEMPERATURE}: that samples "
+                    "as greedy decoding does, or overflows; use 0 for greedy decoding"
+                )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p {self.top_p!r} must be in (0, 1]")
         if self.lora and importlib.util.find_spec("peft") is None:
@@ -193,8 +259,129 @@ class TrainConfig:
                 )
             if importlib.util.find_spec("vllm") is None:
                 raise ValueError("--backend vllm needs vLLM: pip install 'gigpo-torchrl[vllm]'")
-        if not self.run_name or "/" in self.run_name:
-            raise ValueError(f"--run_name {self.run_name!r} must be a plain folder name")
+        if (
+            not self.run_name
+            or self.run_name in (".", "..")
+            or any(sep in self.run_name for sep in ("/", "\\", "\0", os.sep))
+        ):
+            raise ValueError(
+                f"--run_name {self.run_name!r} must be a plain folder name (inside --output_dir)"
+            )
+        self._check_env()
+
+    def _check_types(self) -> None:
+        """Flags arrive typed; Python and YAML callers may pass strings for booleans etc."""
+        hints = typing.get_type_hints(TrainConfig)
+        for name, hint in hints.items():
+            value = getattr(self, name)
+            if hint is bool and not isinstance(value, bool):
+                raise ValueError(f"--{name} {value!r} must be true or false")
+            if hint is str and not isinstance(value, str):
+                if name == "output_dir" and isinstance(value, os.PathLike):
+                    continue
+                raise ValueError(f"--{name} {value!r} must be a string")
+
+    def _check_env(self) -> None:
+        """Build one environment: a bad ``gym:`` id or an ``env_kwargs`` key the game does
+        not take is named here, before any model loads."""
+        from gigpo_torchrl.envs import make_env
+
+        try:
+            env = make_env(
+                self.env,
+                batch_size=1,
+                max_steps=self.max_turns,
+                invalid_action_penalty=self.invalid_action_penalty,
+                **self.env_kwargs,
+            )
+        except TypeError as error:
+            raise ValueError(
+                f"--env {self.env} with --env_kwargs {json.dumps(self.env_kwargs)}: {error}"
+            ) from None
+        except ValueError as error:
+            message = str(error)
+            raise ValueError(
+                message if message.startswith(self.env) else f"--env {self.env}: {message}"
+            ) from None
+        env.close(raise_if_closed=False)
+
+    @property
+    def run_dir(self) -> Path:
+        """``output_dir/run_name``: where the run writes everything."""
+        return Path(self.output_dir) / self.run_name
+
+    def check_run_dir(self) -> dict | None:
+        """Check the run folder before anything is written or loaded.
+
+        - ``output_dir`` must be a folder this user can write (or be creatable);
+        - without ``resume``, a folder that holds a run is refused unless ``overwrite``
+          (which removes that run's files, and only those, when the trainer starts);
+        - with ``resume``, the checkpoint must load safely and every option outside
+          :data:`RESUMABLE` must equal the checkpoint's.
+
+        Returns:
+            The loaded (memory-mapped) checkpoint when resuming, else ``None``.
+
+        Raises:
+            ValueError: one line naming the problem.
+        """
+        from gigpo_torchrl.train.checkpoint import read_checkpoint, run_files
+
+        output = Path(self.output_dir).expanduser()
+        existing = output
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ValueError(f"--output_dir {self.output_dir}: {existing} is not a folder")
+        if not _writable(existing):
+            what = "" if existing == output else f" (its nearest existing parent {existing})"
+            raise ValueError(f"--output_dir {self.output_dir}{what} is not writable")
+        run_dir = output / self.run_name
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"{run_dir} exists and is not a folder")
+        if run_dir.is_dir() and not _writable(run_dir):
+            raise ValueError(f"{run_dir} is not writable")
+        checkpoint = run_dir / "checkpoint.pt"
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: choose one")
+        if not self.resume:
+            found = run_files(run_dir)
+            if found and not self.overwrite:
+                hint = "--resume to continue it, " if checkpoint.exists() else ""
+                raise ValueError(
+                    f"{run_dir} holds a run ({', '.join(found)}): pass {hint}--overwrite to "
+                    "replace it, or choose another --run_name"
+                )
+            return None
+        if not checkpoint.exists():
+            raise ValueError(f"--resume: there is no checkpoint at {checkpoint}")
+        state = read_checkpoint(checkpoint)
+        differing = self.resume_differences(state.get("config"))
+        if state.get("dtype") not in (None, self.resolve_dtype()):
+            # --device may change, but not what precision --dtype auto resolves to
+            differing.append(f"resolved dtype: {state['dtype']!r} -> {self.resolve_dtype()!r}")
+        if differing:
+            raise ValueError(
+                f"--resume with options that differ from the checkpoint's: {'; '.join(differing)}"
+                f" (only {', '.join(sorted(RESUMABLE - {'resume', 'overwrite'}))} may change)"
+            )
+        return state
+
+    def resume_differences(self, saved: dict | None) -> list[str]:
+        """``name: saved -> now`` for each option outside :data:`RESUMABLE` that differs
+        from ``saved`` (a checkpoint's ``config``; options it lacks count as their default)."""
+        if saved is None:
+            return []
+        now = self.to_dict()
+        out = []
+        for name, spec in FIELDS.items():
+            if name in RESUMABLE:
+                continue
+            default = spec.default_factory() if callable(spec.default_factory) else spec.default
+            before = saved.get(name, default)
+            if before != now[name]:
+                out.append(f"{name}: {before!r} -> {now[name]!r}")
+        return out
 
     def resolve_device(self) -> str:
         """The torch device ``--device`` names: ``auto`` is ``cuda`` when one is visible."""
@@ -222,7 +409,19 @@ class TrainConfig:
         return "bfloat16" if self.resolve_device().startswith("cuda") else "float32"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["output_dir"] = os.fspath(self.output_dir)
+        return out
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried: permission bits do not tell for
+    root, read-only mounts or virtual file systems)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

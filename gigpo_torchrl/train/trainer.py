@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import random
 import resource
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -24,8 +26,18 @@ from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.objectives import GIGPOLoss
 from gigpo_torchrl.policy import LLMPolicy, PromptBuilder, load_model
 from gigpo_torchrl.policy.factory import vllm_engine, vllm_sampler
+from gigpo_torchrl.train.checkpoint import (
+    clear_run,
+    read_checkpoint,
+    rng_state,
+    save_atomically,
+    set_rng_state,
+)
 from gigpo_torchrl.train.config import TrainConfig
 from gigpo_torchrl.train.curves import plot_curves
+
+#: seconds between two progress updates inside an iteration
+PROGRESS_INTERVAL = 1.0
 
 # Scalars logged per iteration, in this order (validation adds val_success_rate/val_mean_return).
 METRICS = (
@@ -98,20 +110,23 @@ class Trainer:
     ``curves.png`` (rewritten at each validation), ``checkpoint.pt`` (model, optimizer, RNG
     and task-sampler state: ``resume=True`` continues exactly where it stopped) and, at the
     end, ``model/`` (``save_pretrained``: the trained model and tokenizer, or LoRA adapter).
+
+    A folder that already holds a run is refused unless ``overwrite=True`` (which removes
+    that run's files once the model and environments are ready, so a failing start leaves
+    the old run intact) or ``resume=True`` (refused when options outside
+    :data:`~gigpo_torchrl.train.config.RESUMABLE` differ from the checkpoint's). Checkpoints
+    are loaded with ``weights_only=True``: they cannot run code.
     """
 
     def __init__(self, config: TrainConfig):
         config.validate()
+        config.check_run_dir()  # nothing is written or deleted before this passes
         self.config = config
-        self.run_dir = Path(config.output_dir) / config.run_name
+        self.run_dir = Path(config.output_dir).expanduser() / config.run_name
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
-        if config.resume and not self.checkpoint_path.exists():
-            raise ValueError(f"--resume: there is no checkpoint at {self.checkpoint_path}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume:
-            for stale in ("metrics.jsonl", "checkpoint.pt", "curves.png"):
-                (self.run_dir / stale).unlink(missing_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        self._bar = None  # the progress bar while train() runs
+        self._last_progress = 0.0
+        self._phase = "rollout"
         self._seed_everything(config.seed)
         torch.set_num_threads(config.num_threads or default_num_threads())
         self.device = torch.device(config.resolve_device())
@@ -204,14 +219,27 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         self._resume_state = (
-            torch.load(self.checkpoint_path, weights_only=False) if config.resume else None
+            read_checkpoint(self.checkpoint_path, mmap=False) if config.resume else None
         )
+        # Everything that can fail on the user's options has run: now the folder is written.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            clear_run(self.run_dir)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
         self.logger = get_logger(
             config.logger,
-            logger_name=str(config.output_dir),
+            logger_name=str(self.run_dir.parent),
             experiment_name=config.run_name,
-            state_dict=self._resume_state["logger"] if self._resume_state else None,
+            # the CSV files are rewritten from the checkpoint's history instead (load_checkpoint)
+            state_dict=(
+                self._resume_state["logger"]
+                if self._resume_state and config.logger != "csv"
+                else None
+            ),
         )
+        for unused in ("texts", "videos"):  # torchrl's CSV logger makes them; we log neither
+            with contextlib.suppress(OSError):
+                (self.run_dir / unused).rmdir()  # only when empty
         self.iteration = 0
         self.env_steps = 0
         self.history: list[dict] = []
@@ -230,26 +258,43 @@ class Trainer:
             initial=self.iteration,
             total=config.iterations,
         )
+        self._bar = bar
+        self.collector.on_step = self.val_collector.on_step = self._show_rollout
         if self.iteration == 0 and config.val_at_start:
             self._validate_and_plot(bar)
         for _ in bar:
             record = self.train_iteration()
+            last = self.iteration == config.iterations
+            if self.iteration % config.val_every == 0 or last:
+                self._validate_and_plot(bar)
+            if self.iteration % config.save_every == 0 or last:
+                self._progress("saving checkpoint", force=True)
+                self.save_checkpoint()
             bar.set_postfix(
                 success=f"{record['success_rate']:.2f}",
                 ret=f"{record['mean_return']:.2f}",
                 loss=f"{record['loss']:.3f}",
             )
-            last = self.iteration == config.iterations
-            if self.iteration % config.val_every == 0 or last:
-                self._validate_and_plot(bar)
-            if self.iteration % config.save_every == 0 or last:
-                self.save_checkpoint()
         self._warn_if_no_anchor_repeated()
         self.model.save_pretrained(self.run_dir / "model")
         self.tokenizer.save_pretrained(self.run_dir / "model")
         self.collector.shutdown()
         self.val_collector.shutdown()
+        self._bar = None
         return self.history
+
+    # -- progress inside an iteration ----------------------------------------------------
+
+    def _progress(self, text: str, force: bool = False) -> None:
+        """Show ``text`` after the bar (at most once per :data:`PROGRESS_INTERVAL`)."""
+        now = time.monotonic()
+        if self._bar is None or (not force and now - self._last_progress < PROGRESS_INTERVAL):
+            return
+        self._last_progress = now
+        self._bar.set_postfix_str(text, refresh=True)
+
+    def _show_rollout(self, rows: int, active: int) -> None:
+        self._progress(f"{self._phase}: {rows} env steps, {active} playing")
 
     def train_iteration(self) -> dict:
         """Collect one batch, compute advantages, update the model; returns the record."""
@@ -257,11 +302,14 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
+        self._phase = "rollout"
+        self._progress("rollout", force=True)
         with self._autocast():
             batch = self.collector.collect()
         stats = dict(self.collector.stats)
         rollout_done = time.perf_counter()
         if self.reference is not None:
+            self._progress("reference log-probs", force=True)
             with self._autocast():
                 self.loss.reference_log_probs(self.reference, batch)
         with warnings.catch_warnings():
@@ -319,12 +367,27 @@ class Trainer:
         sums: dict[str, float] = {}
         optimizer_steps = 0
         rows = batch.shape[0]
-        for _ in range(config.ppo_epochs):
+        # progress: each micro-batch's forward calls the LM head once (packed scoring)
+        shown = {"done": 0, "total": 0, "epoch": ""}
+
+        def count_micro_batch(*_):
+            shown["done"] += 1
+            self._progress(f"update: micro-batch {shown['done']}/{shown['total']}{shown['epoch']}")
+
+        head = model.get_output_embeddings() if self._bar is not None else None
+        hook = head.register_forward_hook(count_micro_batch) if head is not None else None
+        for epoch in range(config.ppo_epochs):
             order = torch.randperm(rows)
-            for mini in order.split(config.mini_batch_size):
+            minis = [batch[mini] for mini in order.split(config.mini_batch_size)]
+            plans = [self.loss.micro_batches(mini) for mini in minis]
+            shown.update(done=0, total=sum(map(len, plans)))
+            if config.ppo_epochs > 1:
+                shown["epoch"] = f", epoch {epoch + 1}/{config.ppo_epochs}"
+            self._progress(f"update: {shown['total']} micro-batches{shown['epoch']}", force=True)
+            for mini, plan in zip(minis, plans, strict=True):
                 self.optimizer.zero_grad()
                 with self._autocast():
-                    out = self.loss.backward(batch[mini])
+                    out = self.loss.backward(mini, micro_batches=plan)
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
                 )
@@ -334,6 +397,8 @@ class Trainer:
                 out["grad_norm"] = norm
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
+        if hook is not None:
+            hook.remove()
         model.eval()
         self.policy.sync_sampler_weights()
         seconds = time.perf_counter() - start
@@ -371,6 +436,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Success rate and mean return on the held-out tasks at ``val_temperature``."""
+        self._phase = "validation"
+        self._progress("validation", force=True)
         self.val_collector.load_state_dict(self._val_sampler)
         self.val_collector.collect()
         stats = self.val_collector.stats
@@ -390,13 +457,16 @@ class Trainer:
         self.history.append(record)
         with open(self.run_dir / "metrics.jsonl", "a") as out:
             out.write(json.dumps(record) + "\n")
+        self._log_scalars(record)
+
+    def _log_scalars(self, record: dict) -> None:
         for key, value in record.items():
             if (
                 isinstance(value, int | float)
                 and key not in ("iteration",)
                 and math.isfinite(value)
             ):
-                self.logger.log_scalar(key, value, step=self.iteration)
+                self.logger.log_scalar(key, value, step=record["iteration"])
 
     def _warn_if_no_anchor_repeated(self) -> None:
         fractions = [r["singleton_fraction"] for r in self.history if "singleton_fraction" in r]
@@ -410,7 +480,7 @@ class Trainer:
     @staticmethod
     def _seed_everything(seed: int) -> None:
         random.seed(seed)
-        np.random.seed(seed)
+        np.random.seed(seed % 2**32)  # numpy's legacy seeding takes 32 bits
         torch.manual_seed(seed)
 
     def save_checkpoint(self) -> None:
@@ -423,16 +493,11 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "collector": self.collector.state_dict(),
             "history": self.history,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "dtype": self.dtype,
         }
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        save_atomically(state, self.checkpoint_path)
 
     def load_checkpoint(self) -> None:
         """Restore everything ``save_checkpoint`` wrote."""
@@ -443,12 +508,22 @@ class Trainer:
         self.iteration = state["iteration"]
         self.env_steps = state["env_steps"]
         self.history = state["history"]
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        # records written after the checkpoint by the interrupted run are dropped
+        set_rng_state(state["rng"])
+        # records written after the checkpoint by the interrupted run are dropped, from
+        # metrics.jsonl and from the CSV logger's files alike
         with open(self.run_dir / "metrics.jsonl", "w") as out:
             out.writelines(json.dumps(record) + "\n" for record in self.history)
+        if self.config.logger == "csv":
+            self._rewrite_csv_scalars()
         tqdm.write(f"resumed {self.run_dir} at iteration {self.iteration}")
+
+    def _rewrite_csv_scalars(self) -> None:
+        """Rewrite ``scalars/*.csv`` to hold exactly the checkpoint's history."""
+        experiment = self.logger.experiment
+        for handle in experiment.files.values():
+            handle.close()
+        experiment.files.clear()
+        experiment.scalars.clear()
+        shutil.rmtree(self.run_dir / "scalars", ignore_errors=True)
+        for record in self.history:
+            self._log_scalars(record)
