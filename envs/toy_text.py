@@ -7,6 +7,7 @@ would wrap a gymnasium environment of their own.
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 
 from gigpo_torchrl.envs import register_env
@@ -28,17 +29,26 @@ __all__ = [
 
 
 @register_env("frozenlake", max_steps=20)
-def frozenlake(size: int = 4, frozen_prob: float = 0.8, slippery: bool = False) -> GymTextGame:
+def frozenlake(
+    size: int = 4, frozen_prob: float = 0.8, slippery: bool = False, start_goal: str = "corners"
+) -> GymTextGame:
     """FrozenLake on a random map per seed: walk from S to G without falling into a hole.
 
     Observation: the ``size``×``size`` grid (``P`` you, ``F`` frozen, ``H`` hole, ``G`` goal)
     and a legend. Actions: left, down, right, up. Reward: 1 on reaching G (success), 0
     otherwise; falling into a hole ends the episode. Max steps: 20. Each seed draws its own
-    solvable map (``generate_random_map``); not slippery unless ``slippery=True``.
+    solvable map; not slippery unless ``slippery=True``. ``start_goal="corners"`` is
+    gymnasium's layout (``generate_random_map``: S top left, G bottom right);
+    ``"random"`` puts S and G on two distinct random squares, so that tasks differ in where
+    to go and not only in where the holes are (``frozen_prob=1`` then gives hole-free walks
+    to a goal, a task a small untrained model sometimes solves).
     """
+    if start_goal not in ("corners", "random"):
+        raise ValueError(f"start_goal={start_goal!r} must be 'corners' or 'random'")
+    layout = generate_random_map if start_goal == "corners" else random_start_goal_map
 
     def make(seed: int) -> gym.Env:
-        desc = generate_random_map(size=size, p=frozen_prob, seed=seed)
+        desc = layout(size=size, p=frozen_prob, seed=seed)
         return gym.make("FrozenLake-v1", desc=desc, is_slippery=slippery)
 
     return GymTextGame(
@@ -49,6 +59,33 @@ def frozenlake(size: int = 4, frozen_prob: float = 0.8, slippery: bool = False) 
         action_names=["left", "down", "right", "up"],
         task="Walk across the frozen lake from S to the goal G without stepping into a hole H.",
     )
+
+
+def random_start_goal_map(size: int, p: float, seed: int) -> list[str]:
+    """A ``size``×``size`` FrozenLake map with S and G on distinct random squares and every
+    other square frozen with probability ``p``, redrawn until G can be reached from S."""
+    rng = np.random.default_rng(seed)
+    while True:
+        board = np.where(rng.random((size, size)) < p, "F", "H")
+        start, goal = rng.choice(size * size, size=2, replace=False)
+        board.flat[start], board.flat[goal] = "S", "G"
+        if _reachable(board, divmod(int(start), size)):
+            return ["".join(row) for row in board]
+
+
+def _reachable(board: np.ndarray, start: tuple[int, int]) -> bool:
+    """Whether a walk over frozen squares leads from ``start`` to the G square."""
+    seen, frontier = {start}, [start]
+    while frontier:
+        row, col = frontier.pop()
+        if board[row, col] == "G":
+            return True
+        for r, c in ((row + 1, col), (row - 1, col), (row, col + 1), (row, col - 1)):
+            inside = 0 <= r < board.shape[0] and 0 <= c < board.shape[1]
+            if inside and (r, c) not in seen and board[r, c] != "H":
+                seen.add((r, c))
+                frontier.append((r, c))
+    return False
 
 
 @register_env("taxi", max_steps=50)

@@ -3,6 +3,7 @@
 import re
 from collections import deque
 
+import pytest
 import torch
 from tensordict import TensorDict
 
@@ -52,6 +53,28 @@ def test_frozenlake_maps_vary_by_seed_and_the_goal_is_reachable():
         out = play(env, out, move, "up", "up", "up")
     assert out["success"][0].item() and out["terminated"][0].item()
     assert out["reward"][0].item() == 1.0
+
+
+def test_frozenlake_with_random_start_and_goal():
+    seeds = list(range(12))
+    env = make_env("frozenlake", batch_size=12, size=3, start_goal="random", frozen_prob=0.7)
+    td = reset(env, *seeds)
+    starts, goals = set(), set()
+    for i in range(12):
+        grid = grid_of(td["observation"][i])
+        cells = {(r, c): v for r, row in enumerate(grid) for c, v in enumerate(row)}
+        starts.add(next(p for p, v in cells.items() if v == "P"))
+        goals.add(next(p for p, v in cells.items() if v == "G"))
+        path = shortest_path(grid)  # every map is solvable from where the agent stands
+        assert path is not None and len(path) >= 1
+    assert len(starts) > 2 and len(goals) > 2  # not gymnasium's fixed corners
+    again = reset(
+        make_env("frozenlake", batch_size=2, size=3, start_goal="random", frozen_prob=0.7), 3, 5
+    )
+    assert again["observation"][0] == td["observation"][3]  # the same seed, the same map
+    assert again["observation"][1] == td["observation"][5]
+    with pytest.raises(ValueError, match="start_goal='middle'"):
+        make_env("frozenlake", batch_size=1, start_goal="middle")
 
 
 def test_frozenlake_state_includes_the_map():
