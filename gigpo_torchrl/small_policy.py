@@ -14,9 +14,9 @@ Pieces, each usable alone:
 - :func:`make_actor` — the MLP policy as a ``ProbabilisticActor`` over the game's actions;
 - :class:`GroupRollout` — B episode groups × N trajectories stepped together (each group's
   N games reset with the same seed), returning flat step rows with the key contract of
-  ``DESIGN.md`` (``group_id``, ``traj_id``, ``step``, ``state_hash``, ``("next", "reward")``,
-  ``("next", "done")``, ``success``, ...) plus ``observation`` (the encoding), ``action`` and
-  ``action_log_prob``;
+  ``docs/semantics.md`` (``group_id``, ``traj_id``, ``step``, ``state_hash``,
+  ``("next", "reward")``, ``("next", "done")``, ``success``, ...) plus ``observation`` (the
+  encoding), ``action`` and ``action_log_prob``;
 - :func:`make_loss`, :func:`ppo_update`, :func:`singleton_fraction` and :func:`train`, the
   loop the benchmark and the tests run (the example writes the same loop out).
 

@@ -65,7 +65,7 @@ def reference(
     compat=None,
     penalty=0.0,
 ):
-    """DESIGN.md's semantics written as plain loops over rows: (advantage, A_E, A_S) lists.
+    """docs/semantics.md's semantics written as plain loops over rows: (advantage, A_E, A_S) lists.
 
     With ``compat="verl-agent"`` it follows the reference's rules (gigpo/core_gigpo.py as wired
     by its ray_trainer.py): every step row is scored with its trajectory's return; step returns

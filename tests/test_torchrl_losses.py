@@ -27,7 +27,8 @@ def tiny():
 
 
 def step_rows(tokenizer):
-    """Ragged LLM step rows with the DESIGN.md keys, lazily stacked as torchrl's LLM data."""
+    """Ragged LLM step rows with the keys of docs/semantics.md, lazily stacked as torchrl's
+    LLM data."""
     rows = []
     for traj, step, state, reward, observation, response in STEPS:
         chat = [{"role": "user", "content": observation}]

@@ -41,11 +41,12 @@ class GroupCollector:
     truncates the rest).
 
     Iterating yields one TensorDict of flat step rows per batch, lazily stacked (token
-    tensors are ragged), with the DESIGN.md keys: ``group_id``, ``traj_id``, ``step``,
-    ``state_hash`` (before the action), ``observation``, ``action_text`` (the parsed action;
-    the whole reply for games with ``raw_action``, such as ms-swift envs), ``action_valid``
-    and ``success`` ``[1]``, ``("next", "reward" | "done" | "terminated" | "truncated")``
-    ``[1]``, ``("next", "env_reward")`` ``[1]`` (the reward without the invalid-action
+    tensors are ragged), with the keys of ``docs/semantics.md``: ``group_id``, ``traj_id``,
+    ``step``, ``state_hash`` (before the action), ``observation``, ``action_text`` (the
+    parsed action; the whole reply for games with ``raw_action``, such as ms-swift envs),
+    ``action_valid`` and ``success`` ``[1]``,
+    ``("next", "reward" | "done" | "terminated" | "truncated")`` ``[1]``,
+    ``("next", "env_reward")`` ``[1]`` (the reward without the invalid-action
     penalty, for ``GIGPOAdvantage(compat="verl-agent")``), plus the policy's
     ``("tokens", "prompt" | "response" | "full")``, ``("log_probs", "full")``,
     ``("text", "prompt" | "response")``. The batch feeds

@@ -1,6 +1,6 @@
 """GIGPO advantages of a flat batch of step rows (arXiv 2505.10978, Eqs. 3, 5, 7, 8).
 
-See ``DESIGN.md`` for the exact semantics. All inputs are flat ``[N]`` tensors, one entry
+See ``docs/semantics.md`` for the exact semantics. All inputs are flat ``[N]`` tensors, one entry
 per (trajectory, step) row, in any order; every trajectory must be complete.
 """
 
