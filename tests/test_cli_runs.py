@@ -157,3 +157,12 @@ def test_progress_inside_an_iteration(tmp_path, capsys, monkeypatch):
     assert "rollout: 4 env steps, 4 playing" in err
     assert "update: micro-batch 1/" in err
     assert "validation: " in err
+
+
+def test_a_moved_run_folder_resumes(tmp_path):
+    Trainer(tiny_config(tmp_path / "a", iterations=1)).train()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "a" / "run").rename(tmp_path / "c" / "moved")
+    history = Trainer(tiny_config(tmp_path / "c", run_name="moved", resume=True)).train()
+    assert [r["iteration"] for r in history] == [0, 1, 1, 2, 2]
+    assert csv_steps(tmp_path / "c" / "moved") == [1, 2]

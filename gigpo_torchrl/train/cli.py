@@ -52,7 +52,7 @@ HELP = {
     "logger": "csv, tensorboard or wandb",
     "resume": "continue the run in output_dir/run_name from its last checkpoint (only "
     "iterations, val_every, save_every, val_at_start, device, num_threads, "
-    "gradient_checkpointing, the micro-batch sizes and output_dir may differ)",
+    "gradient_checkpointing, the micro-batch sizes, output_dir and run_name may differ)",
     "overwrite": "replace the run already in output_dir/run_name (its checkpoint, metrics, "
     "curves, logger files and model); without it such a folder is refused",
     "env": "registered env name, gym:<id>, or module:name (import module, e.g. my_games or "

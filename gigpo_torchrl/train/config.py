@@ -46,6 +46,7 @@ RESUMABLE = frozenset(
         "max_tokens_per_micro_batch",
         "micro_batch_size",
         "output_dir",
+        "run_name",  # the folder may be moved or renamed
         "resume",
         "overwrite",
     }
