@@ -22,7 +22,12 @@ def play(env, td, *actions):
 
 
 def grid_of(observation):
-    return [line.split() for line in observation.splitlines() if not line.startswith("Legend")]
+    """The rows of the lake (the legend and the coordinates line left out)."""
+    return [
+        line.split()
+        for line in observation.splitlines()
+        if not line.startswith(("Legend", "You are"))
+    ]
 
 
 def shortest_path(grid):
@@ -63,10 +68,17 @@ def test_frozenlake_with_random_start_and_goal():
     for i in range(12):
         grid = grid_of(td["observation"][i])
         cells = {(r, c): v for r, row in enumerate(grid) for c, v in enumerate(row)}
-        starts.add(next(p for p, v in cells.items() if v == "P"))
-        goals.add(next(p for p, v in cells.items() if v == "G"))
+        r, c = next(p for p, v in cells.items() if v == "P")
+        gr, gc = next(p for p, v in cells.items() if v == "G")
+        starts.add((r, c))
+        goals.add((gr, gc))
         path = shortest_path(grid)  # every map is solvable from where the agent stands
         assert path is not None and len(path) >= 1
+        # the coordinates line says the same as the grid, 1-based
+        line = (
+            f"You are at row {r + 1}, column {c + 1}; the goal is at row {gr + 1}, column {gc + 1}."
+        )
+        assert line in td["observation"][i]
     assert len(starts) > 2 and len(goals) > 2  # not gymnasium's fixed corners
     again = reset(
         make_env("frozenlake", batch_size=2, size=3, start_goal="random", frozen_prob=0.7), 3, 5

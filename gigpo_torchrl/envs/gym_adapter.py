@@ -131,14 +131,18 @@ def _grid(rows: list[str]) -> str:
 
 
 def render_frozenlake(env: gym.Env) -> str:
-    """The lake with the agent as ``P``, and a legend."""
+    """The lake with the agent as ``P``, a legend, and where the agent and the goal are."""
     lake = env.unwrapped
     rows = [[c.decode() for c in row] for row in lake.desc]
     row, col = divmod(int(lake.s), lake.ncol)
+    goal = next((r, c) for r, line in enumerate(rows) for c, v in enumerate(line) if v == "G")
     rows[row][col] = "P"
     return (
         _grid(["".join(r) for r in rows])
         + "\nLegend: P you, S start, F frozen (safe), H hole, G goal."
+        # small models read coordinates far more easily than a position in a grid
+        + f"\nYou are at row {row + 1}, column {col + 1}; the goal is at row {goal[0] + 1}, "
+        f"column {goal[1] + 1}."
     )
 
 
