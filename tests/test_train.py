@@ -159,6 +159,8 @@ SAMPLE = {
     "norm_adv": "none",
     "compat": "none",  # verl-agent refuses rloo: see tests/test_compat_penalty.py
     "invalid_action_penalty": "0.2",
+    "anchor": "history:2",
+    "similarity_threshold": "0.9",
     "env": "taxi",
     "env_kwargs": "{}",
     "model": "tiny",
@@ -220,6 +222,8 @@ def test_every_flag_is_real_and_reaches_the_config():
         norm_adv="none",
         compat=None,
         invalid_action_penalty=0.2,
+        anchor="history:2",
+        similarity_threshold=0.9,
         env="taxi",
         env_kwargs={},
         model="tiny",

@@ -13,6 +13,12 @@ from torch import Tensor
 from torchrl.objectives.value import ValueEstimatorBase
 
 from gigpo_torchrl.functional import check_finite, check_options, gigpo_advantage
+from gigpo_torchrl.functional.anchors import (
+    history_anchor,
+    parse_anchor,
+    similar_text_anchor,
+    text_hashes,
+)
 
 
 def read_rows(tensordict: TensorDictBase, key: NestedKey, kind: str) -> Tensor:
@@ -46,6 +52,29 @@ def read_rows(tensordict: TensorDictBase, key: NestedKey, kind: str) -> Tensor:
         raise ValueError(f"key {key!r} has dtype {dtype}; expected {expected} dtype")
     value = value.reshape(-1)
     return value.long() if kind == "int" else value
+
+
+def read_texts(tensordict: TensorDictBase, key: NestedKey) -> list[str]:
+    """The flat list of the ``N`` strings of ``key`` (a non-tensor entry) in a ``[*B]`` batch.
+
+    Raises ``ValueError`` naming the key when it is missing or does not hold one string per row.
+    """
+    value = tensordict.get(key, None)
+    if value is None:
+        raise ValueError(
+            f"GIGPOAdvantage needs the key {key!r}, which the batch does not have "
+            "(rename keys with set_keys)"
+        )
+    n = tensordict.numel()
+    if isinstance(value, str):
+        texts = [value] * n
+    else:
+        texts = value.tolist() if hasattr(value, "tolist") else list(value)
+        for _ in range(tensordict.batch_dims - 1):
+            texts = [text for inner in texts for text in inner]
+    if len(texts) != n or not all(isinstance(text, str) for text in texts):
+        raise ValueError(f"key {key!r} must hold one string per row ({n} rows)")
+    return texts
 
 
 class StepRows(NamedTuple):
@@ -105,6 +134,15 @@ class GIGPOAdvantage(ValueEstimatorBase):
             return (not discounted into earlier steps, other rows' scores unchanged), as the
             reference does. Without compat the penalty belongs in the reward itself, and a
             nonzero value is refused.
+        anchor: which rows share an anchor (a step group) within an episode group:
+            ``"state"`` (equal ``state_hash``, the default), ``"history:k"`` (equal
+            ``state_hash`` and equal last ``k`` (``state_hash``, ``action_text``) pairs of the
+            trajectory: the same view reached by a different recent past is another anchor)
+            or ``"similar"`` (near-duplicate ``observation`` texts, see
+            :func:`~gigpo_torchrl.functional.anchors.similar_text_anchor`; no ``state_hash``
+            needed). ``step_group_size`` reports the resulting groups.
+        similarity_threshold: ``anchor="similar"`` only: the estimated Jaccard similarity of
+            two texts' word shingles at or above which they share an anchor. Default 0.8.
         token_axis: None (auto, see above), True or False.
         device: where buffers live (torchrl convention).
 
@@ -137,6 +175,8 @@ class GIGPOAdvantage(ValueEstimatorBase):
         step: NestedKey = "step"
         state_hash: NestedKey = "state_hash"
         action_valid: NestedKey = "action_valid"
+        observation: NestedKey = "observation"
+        action_text: NestedKey = "action_text"
         episode_advantage: NestedKey = "episode_advantage"
         step_advantage: NestedKey = "step_advantage"
         step_group_size: NestedKey = "step_group_size"
@@ -154,12 +194,20 @@ class GIGPOAdvantage(ValueEstimatorBase):
         eps: float = 1e-6,
         compat: str | None = None,
         invalid_action_penalty: float = 0.0,
+        anchor: str = "state",
+        similarity_threshold: float = 0.8,
         token_axis: bool | None = None,
         device: torch.device | None = None,
     ):
         check_options(
             estimator, gamma, step_advantage_weight, norm, eps, compat, invalid_action_penalty
         )
+        self._anchor_mode, self._history = parse_anchor(anchor)
+        threshold = similarity_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise ValueError(f"similarity_threshold={threshold!r} must be a number in (0, 1]")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"similarity_threshold={threshold!r} must be in (0, 1]")
         if token_axis not in (None, True, False):
             raise ValueError(f"token_axis={token_axis!r} must be None, True or False")
         super().__init__(value_network=None, device=device)
@@ -170,6 +218,8 @@ class GIGPOAdvantage(ValueEstimatorBase):
         self.eps = eps
         self.compat = compat
         self.invalid_action_penalty = invalid_action_penalty
+        self.anchor = anchor
+        self.similarity_threshold = similarity_threshold
         self.token_axis = token_axis
 
     @property
@@ -183,7 +233,12 @@ class GIGPOAdvantage(ValueEstimatorBase):
             ("next", keys.done),
         ]
         if self.estimator == "gigpo":
-            in_keys.append(keys.state_hash)
+            if self._anchor_mode != "similar":
+                in_keys.append(keys.state_hash)
+            if self._anchor_mode == "history":
+                in_keys.append(keys.action_text)
+            if self._anchor_mode == "similar":
+                in_keys.append(keys.observation)
         if self.invalid_action_penalty:
             in_keys.append(keys.action_valid)
         return in_keys
@@ -209,7 +264,9 @@ class GIGPOAdvantage(ValueEstimatorBase):
         reward = read_rows(tensordict, reward_key, "float")
         traj_id = read_rows(tensordict, keys.traj_id, "int")
         check_finite(reward, traj_id, name=f"key {reward_key!r}")
-        has_hash = self.estimator == "gigpo" or keys.state_hash in tensordict.keys(True)
+        has_hash = keys.state_hash in tensordict.keys(True) or (
+            self.estimator == "gigpo" and self._anchor_mode != "similar"
+        )
         valid = None
         if self.invalid_action_penalty:
             valid = read_rows(tensordict, keys.action_valid, "bool")
@@ -223,6 +280,32 @@ class GIGPOAdvantage(ValueEstimatorBase):
             action_valid=valid,
         )
 
+    def anchor_hash(self, tensordict: TensorDictBase, rows: StepRows) -> Tensor | None:
+        """int64 ``[N]`` anchor of each row under :attr:`anchor` (None: no step groups).
+
+        ``"state"`` is ``rows.state_hash``; ``"history:k"`` combines it with the last ``k``
+        (state, action) pairs (:func:`~gigpo_torchrl.functional.anchors.history_anchor`);
+        ``"similar"`` groups near-duplicate observation texts of each episode group
+        (:func:`~gigpo_torchrl.functional.anchors.similar_text_anchor`). Outside
+        ``estimator="gigpo"`` a mode whose keys are missing gives None (no diagnostics).
+        """
+        keys = self.tensor_keys
+        mode = self._anchor_mode
+        required = self.estimator == "gigpo"
+        if mode == "state" or (mode == "history" and rows.state_hash is None):
+            return rows.state_hash
+        if mode == "history":
+            if not required and keys.action_text not in tensordict.keys(True):
+                return rows.state_hash
+            actions = text_hashes(read_texts(tensordict, keys.action_text))
+            actions = actions.to(rows.state_hash.device)
+            return history_anchor(rows.state_hash, actions, rows.traj_id, rows.step, self._history)
+        if not required and keys.observation not in tensordict.keys(True):
+            return rows.state_hash
+        texts = read_texts(tensordict, keys.observation)
+        anchors = similar_text_anchor(texts, rows.group_id, threshold=self.similarity_threshold)
+        return anchors.to(rows.group_id.device)
+
     @torch.no_grad()
     def forward(
         self,
@@ -234,7 +317,8 @@ class GIGPOAdvantage(ValueEstimatorBase):
         """Write the advantages into ``tensordict`` (in place) and return it."""
         rows = self.read_step_rows(tensordict)
         out = gigpo_advantage(
-            *rows[:6],
+            *rows[:5],
+            self.anchor_hash(tensordict, rows),
             action_valid=rows.action_valid,
             invalid_action_penalty=self.invalid_action_penalty,
             estimator=self.estimator,
@@ -260,8 +344,14 @@ class GIGPOAdvantage(ValueEstimatorBase):
             if self.estimator == "gigpo" and singletons.numel() and bool(singletons.all()):
                 warnings.warn(
                     "GIGPOAdvantage: no anchor state repeats within its episode group in this "
-                    "batch, so every step advantage is 0 and GIGPO equals GRPO here. Check that "
-                    f"the environment fills {keys.state_hash!r} with a hash of its state.",
+                    f"batch (anchor={self.anchor!r}), so every step advantage is 0 and GIGPO "
+                    "equals GRPO here. "
+                    + (
+                        f"No two {keys.observation!r} texts of a group are near-duplicates."
+                        if self._anchor_mode == "similar"
+                        else f"Check that the environment fills {keys.state_hash!r} with a "
+                        "hash of its state."
+                    ),
                     stacklevel=2,
                 )
         return tensordict

@@ -1,5 +1,12 @@
-"""Pure tensor functions behind GIGPO: segments, discounted returns, group normalisation."""
+"""Pure tensor functions behind GIGPO: segments, discounted returns, group normalisation,
+anchor keys."""
 
+from gigpo_torchrl.functional.anchors import (
+    history_anchor,
+    parse_anchor,
+    similar_text_anchor,
+    text_hashes,
+)
 from gigpo_torchrl.functional.gigpo import (
     GIGPOOutput,
     anchor_groups,
@@ -41,13 +48,17 @@ __all__ = [
     "episode_advantage",
     "gigpo_advantage",
     "group_normalize",
+    "history_anchor",
+    "parse_anchor",
     "reverse_discounted_cumsum",
     "segment_count",
     "segment_ids",
     "segment_is_constant",
     "segment_mean_std",
     "segment_sum",
+    "similar_text_anchor",
     "step_advantage",
+    "text_hashes",
     "trajectory_layout",
     "verl_agent_episode_advantage",
 ]

@@ -28,6 +28,10 @@ HELP = {
     "compat": "none or verl-agent: compute advantages exactly as the authors' reference",
     "invalid_action_penalty": "subtracted from an invalid action's reward (with --compat "
     "verl-agent: from that row's own score and step return, the reference's way)",
+    "anchor": "GIGPO's step groups: state (equal state hash), history:k (equal state and "
+    "last k (state, action) pairs) or similar (near-duplicate observation texts)",
+    "similarity_threshold": "--anchor similar: estimated Jaccard similarity of two "
+    "observations' word shingles at or above which they share an anchor",
     "env_kwargs": "JSON object passed to the env factory",
     "model": "tiny, smollm2-135m, random:<preset> (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b "
     "shapes, random weights) or a local checkpoint directory",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gigpo_torchrl.functional.anchors import parse_anchor
 from gigpo_torchrl.objectives import LOSS_AGG_MODES
 
 ESTIMATORS = ("grpo", "rloo", "gigpo")
@@ -71,6 +72,10 @@ class TrainConfig:
     (``GIGPOAdvantage(compat="verl-agent")``), the penalty included: it is applied to each
     invalid row's own score and step return after the returns are computed from the game's
     reward (``("next", "env_reward")``), instead of being part of the reward.
+
+    ``anchor`` chooses GIGPO's step groups (``GIGPOAdvantage(anchor=...)``): ``state`` (equal
+    state hash), ``history:k`` (equal state and last k (state, action) pairs) or ``similar``
+    (near-duplicate observation texts, estimated Jaccard >= ``similarity_threshold``).
     """
 
     # -- algorithm (ms-swift names) --
@@ -84,6 +89,8 @@ class TrainConfig:
     norm_adv: str = "std"
     compat: str | None = None
     invalid_action_penalty: float = 0.1
+    anchor: str = "state"
+    similarity_threshold: float = 0.8
     # -- environment and model --
     env: str = "frozenlake"
     env_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -152,6 +159,16 @@ class TrainConfig:
         choice("norm_adv", NORMS)
         choice("compat", COMPATS)
         number("invalid_action_penalty", 0)
+        try:
+            parse_anchor(self.anchor)
+        except ValueError:
+            raise ValueError(
+                f"--anchor {self.anchor!r} must be state, history:k (k >= 1, e.g. history:2) "
+                "or similar"
+            ) from None
+        number("similarity_threshold", 0, strict=True)
+        if self.similarity_threshold > 1:
+            raise ValueError(f"--similarity_threshold {self.similarity_threshold!r} must be <= 1")
         if self.compat == "verl-agent" and self.advantage_estimator == "rloo":
             raise ValueError(
                 "--compat verl-agent reproduces the reference's gigpo and grpo estimators; "

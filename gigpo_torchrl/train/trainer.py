@@ -208,6 +208,8 @@ class Trainer:
             norm=config.norm_adv,
             compat=config.compat,
             invalid_action_penalty=config.invalid_action_penalty if config.compat else 0.0,
+            anchor=config.anchor,
+            similarity_threshold=config.similarity_threshold,
         )
         if config.compat == "verl-agent":
             # the reference applies the penalty itself, to the game's reward without it
@@ -317,6 +319,11 @@ class Trainer:
             warnings.filterwarnings("ignore", message=".*no anchor state repeats")
             batch = self.loss.value_estimator(batch)
         advantage_done = time.perf_counter()
+        group_sizes = batch.get("step_group_size", None)
+        if group_sizes is not None:  # the step groups of --anchor, not the exact state hashes
+            row_sizes = group_sizes.reshape(-1).long()
+            stats["step_group_size_histogram"] = torch.bincount(row_sizes).tolist()
+            stats["singleton_fraction"] = float((row_sizes == 1).float().mean())
         update = self._update(batch)
         self.iteration += 1
         self.env_steps += stats["steps"]
@@ -335,6 +342,7 @@ class Trainer:
         record = {
             "iteration": self.iteration,
             "env_steps": self.env_steps,
+            "anchor": config.anchor,
             **{
                 k: stats[k]
                 for k in (
