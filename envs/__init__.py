@@ -5,6 +5,6 @@ exactly as a user's own package would; gigpo-torchrl finds this package through 
 ``gigpo_torchrl.envs`` entry point declared in pyproject.toml.
 """
 
-from gigpo_envs import board_games, sokoban, toy_text
+from gigpo_envs import board_games, sokoban, textworld, toy_text
 
-__all__ = ["board_games", "sokoban", "toy_text"]
+__all__ = ["board_games", "sokoban", "textworld", "toy_text"]
