@@ -10,12 +10,17 @@ advantage estimator differs:
     gigpo-none   GIGPO, norm none, omega 1
     gigpo-w0.5   GIGPO, norm std, omega 0.5
 
-Path ``small`` (the default, and the only one so far): a torchrl ``ProbabilisticActor``
-over an MLP on an egocentric one-hot grid (``gigpo_torchrl.small_policy``), trained with
-critic-free ``ClipPPOLoss`` on Sokoban 6x6 (1 box) and FrozenLake 8x8 (random maps, 40
-steps). A ``llm`` path (the main job's LLM and task) can be added as another entry of
-``PATHS``: a function that trains one (env, setting, seed) and returns its per-iteration
-records; the CSV, summary and figure code below is shared.
+Path ``small`` (the default): a torchrl ``ProbabilisticActor`` over an MLP on an
+egocentric one-hot grid (``gigpo_torchrl.small_policy``), trained with critic-free
+``ClipPPOLoss`` on Sokoban 6x6 (1 box) and FrozenLake 8x8 (random maps, 40 steps).
+
+Path ``llm``: the main job (``gigpo-train``'s defaults: SmolLM2-135M and its task) trained
+once per (setting, seed), GRPO against GIGPO by default, with the held-out validation
+success before and after training as the measure (columns ``val_success_rate``, filled on
+iterations followed by a validation, and ``val_success_before``). Each run takes as long as
+the main job. Every path is an entry of ``PATHS``: a function that trains one
+(env, setting, seed) and returns its per-iteration records; the CSV, summary and figure
+code below is shared.
 
 Outputs (under ``--out-dir``, default ``benchmarks/results``):
 
@@ -29,6 +34,7 @@ Outputs (under ``--out-dir``, default ``benchmarks/results``):
     python benchmarks/compare_estimators.py                 # the full comparison (~30 min)
     python benchmarks/compare_estimators.py --tiny          # seconds: a smoke test
     python benchmarks/compare_estimators.py --envs frozenlake --seeds 3 --workers 2
+    python benchmarks/compare_estimators.py --path llm --seeds 3   # main job, GRPO vs GIGPO
 """
 
 from __future__ import annotations
@@ -115,6 +121,11 @@ ENVS = {
     "frozenlake": EnvSetup("frozenlake-8x8", "frozenlake", {"size": 8}, 40, 200_000, 0.5),
 }
 TINY_ENVS = {"frozenlake": EnvSetup("frozenlake-4x4", "frozenlake", {"size": 4}, None, 600)}
+# the llm path trains gigpo-train's defaults (the README's main job); the label names it
+LLM_ENVS = {"main-job": EnvSetup("main-job", "main-job", target=0.5)}
+LLM_SETTINGS = ("grpo", "gigpo")
+LLM_TINY = dict(model="tiny", env="frozenlake", iterations=2, num_groups=2, num_generations=2)
+LLM_COLUMNS = ["val_success_rate", "val_success_before"]
 
 
 def run_small(setup: EnvSetup, setting: Setting, seed: int, options: dict) -> list[dict]:
@@ -146,8 +157,60 @@ def run_small(setup: EnvSetup, setting: Setting, seed: int, options: dict) -> li
     return records
 
 
+def run_llm(setup: EnvSetup, setting: Setting, seed: int, options: dict) -> list[dict]:
+    """Train the main job's LLM agent once (``gigpo-train``'s defaults: the README's main
+    job) with this setting and seed; one record per iteration, with the held-out validation
+    success of the validation that follows it where there is one."""
+    import tempfile
+
+    from gigpo_torchrl.train import TrainConfig, Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(
+            advantage_estimator=setting.estimator,
+            norm_adv=setting.norm,
+            gigpo_step_advantage_weight=setting.step_advantage_weight,
+            seed=seed,
+            output_dir=out,
+            run_name="run",
+            save_every=10**6,
+            **options,
+        )
+        history = Trainer(config).train()
+    validation = {r["iteration"]: r["val_success_rate"] for r in history if "val_success_rate" in r}
+    records = []
+    for record in (r for r in history if "loss" in r):
+        iteration_s = record["time_rollout"] + record["time_advantage"] + record["time_update"]
+        records.append(
+            {
+                "env": setup.label,
+                "estimator": setting.estimator,
+                "norm": setting.norm,
+                "step_advantage_weight": setting.step_advantage_weight,
+                "seed": seed,
+                "iteration": record["iteration"],
+                "env_steps": record["env_steps"],
+                "success_rate": record["success_rate"],
+                "mean_return": record["mean_return"],
+                "singleton_fraction": record["singleton_fraction"],
+                "setting": setting.name,
+                "advantage_time_share": record["time_advantage"] / iteration_s,
+                "iteration_s": iteration_s,
+                "episode_length": record["mean_episode_length"],
+                "entropy": record["entropy"],
+                "clip_fraction": record["clip_fraction"],
+                "val_success_rate": validation.get(record["iteration"], ""),
+                "val_success_before": validation.get(0, ""),
+            }
+        )
+    return records
+
+
 # path name -> (env setup, setting, seed, path options) -> per-iteration records
-PATHS: dict[str, Callable[[EnvSetup, Setting, int, dict], list[dict]]] = {"small": run_small}
+PATHS: dict[str, Callable[[EnvSetup, Setting, int, dict], list[dict]]] = {
+    "small": run_small,
+    "llm": run_llm,
+}
 
 
 def _run(job: tuple) -> tuple[list[dict], float]:
@@ -390,10 +453,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     envs = TINY_ENVS if args.tiny else {name: ENVS[name] for name in args.envs}
     seeds = 1 if args.tiny else args.seeds
-    settings = [s for s in SETTINGS if args.settings is None or s.name in args.settings]
+    wanted = args.settings or (LLM_SETTINGS if args.path == "llm" else None)
+    settings = [s for s in SETTINGS if wanted is None or s.name in wanted]
     options = {"num_groups": args.num_groups, "num_generations": args.num_generations}
     if args.tiny:
         options.update(num_groups=2, num_generations=4)
+    columns = COLUMNS + EXTRA_COLUMNS
+    if args.path == "llm":
+        envs, columns = LLM_ENVS, columns + LLM_COLUMNS
+        options = dict(LLM_TINY) if args.tiny else {}
     if args.env_steps is not None:
         envs = {k: EnvSetup(**{**vars(v), "env_steps": args.env_steps}) for k, v in envs.items()}
 
@@ -410,15 +478,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"compare_{args.path}"
-    write_csv(stem.with_suffix(".csv"), rows, COLUMNS + EXTRA_COLUMNS)
+    write_csv(stem.with_suffix(".csv"), rows, columns)
     report(rows, stem)
+    if args.path == "llm":
+        print(validation_table(rows))
     print(f"Total {total / 60:.1f} min.")
     return rows
 
 
 def report(rows: list[dict], stem: Path, rows_written: bool = True) -> None:
     """Write ``<stem>_summary.csv`` and ``<stem>.png`` and print the summary table."""
-    targets = {setup.label: setup.target for setup in [*ENVS.values(), *TINY_ENVS.values()]}
+    setups = [*ENVS.values(), *TINY_ENVS.values(), *LLM_ENVS.values()]
+    targets = {setup.label: setup.target for setup in setups}
     summary = summarize(rows, targets)
     write_csv(stem.parent / f"{stem.name}_summary.csv", summary, list(summary[0]))
     plot(rows, summary, stem.with_suffix(".png"))
@@ -435,13 +506,36 @@ def report(rows: list[dict], stem: Path, rows_written: bool = True) -> None:
     print(f"wrote {', '.join(written)} in {stem.parent}")
 
 
+def validation_table(rows: list[dict]) -> str:
+    """Held-out validation success before training and after the last iteration, per
+    setting (mean ± s.e. over seeds) — the llm path's measure of learning."""
+    lines = [
+        "| setting | seeds | validation before | validation after | change |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        runs = [r for r in _by_run(rows).values() if r[0]["setting"] == name]
+        before = [float(r[-1]["val_success_before"]) for r in runs]
+        after = [float(r[-1]["val_success_rate"]) for r in runs]
+        (b, b_se), (a, a_se) = mean_se(before), mean_se(after)
+        change, change_se = mean_se([y - x for x, y in zip(before, after, strict=True)])
+        lines.append(
+            f"| {name} | {len(runs)} | {b:.2f} ± {b_se:.2f} | {a:.2f} ± {a_se:.2f} "
+            f"| {change:+.2f} ± {change_se:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def read_csv(path: Path) -> list[dict]:
     """Rows of a ``compare_<path>.csv``, numbers parsed."""
     integers = {"seed", "iteration", "env_steps"}
     text = {"env", "estimator", "norm", "setting"}
     with path.open() as handle:
         return [
-            {k: v if k in text else int(v) if k in integers else float(v) for k, v in row.items()}
+            {
+                k: v if k in text or v == "" else int(v) if k in integers else float(v)
+                for k, v in row.items()
+            }
             for row in csv.DictReader(handle)
         ]
 

@@ -107,3 +107,16 @@ def test_summary_reports_steps_to_target_and_standard_errors(compare):
     table = compare.format_summary([summary, grpo])
     assert "| +0.30 ± 0.40 (1/2) | 3k ± 0k (1/2 ≥ 0.50) |" in table
     assert "| — | — (0/2 ≥ 0.50) |" in table
+
+
+@pytest.mark.slow
+def test_tiny_llm_comparison_records_validation_before_and_after(compare, tmp_path, capsys):
+    compare.main(["--path", "llm", "--tiny", "--out-dir", str(tmp_path)])
+    rows = compare.read_csv(tmp_path / "compare_llm.csv")
+    assert list(rows[0])[: len(COLUMNS)] == COLUMNS
+    assert {r["setting"] for r in rows} == {"grpo", "gigpo"}
+    assert [r["iteration"] for r in rows if r["setting"] == "gigpo"] == [1, 2]
+    # the validation before any update, then after the last iteration
+    assert all(0 <= r["val_success_before"] <= 1 for r in rows)
+    assert [r["val_success_rate"] == "" for r in rows if r["setting"] == "grpo"] == [True, False]
+    assert "| gigpo | 1 |" in capsys.readouterr().out
