@@ -40,13 +40,14 @@ def rows(tokenizer):
     ]
 
 
-def test_packed_log_probs_and_gradients_equal_separate_forwards(tiny, device):
+@pytest.mark.parametrize("max_sequence", [512, 20])
+def test_packed_log_probs_and_gradients_equal_separate_forwards(tiny, device, max_sequence):
     tokenizer, model = tiny
     model = model.to(device)
     data = rows(tokenizer)
-    packed = pack_rows([p for p, _ in data], [r for _, r in data])
-    # two distinct prompts: two sequences, each prompt once
-    assert packed.input_ids.shape[0] == 2
+    packed = pack_rows([p for p, _ in data], [r for _, r in data], max_sequence=max_sequence)
+    # the two prompts share one sequence unless it may not hold both
+    assert packed.input_ids.shape[0] == (1 if max_sequence == 512 else 2)
     assert packed.lengths.tolist() == [len(r) for _, r in data]
 
     model.zero_grad()
@@ -67,15 +68,19 @@ def test_packed_log_probs_and_gradients_equal_separate_forwards(tiny, device):
     model.cpu()
 
 
-def test_shared_prompt_and_reply_prefixes_are_encoded_once(tiny):
+def test_shared_prefixes_are_encoded_once(tiny):
     tokenizer, _ = tiny
     data = rows(tokenizer)
-    packed = pack_rows([p for p, _ in data], [r for _, r in data])
+    prompts, replies = [p for p, _ in data], [r for _, r in data]
     a, b = len(data[0][0]), len(data[1][0])
     # a: prompt + trie {left, x<pad><eos><pad>} ("le" and the second "left" add nothing);
     # b: prompt + {up, <eos>}
-    assert packed.real_tokens == (a + 4 + 4) + (b + 2 + 1)
-    assert packed.padded_tokens == 2 * (a + 8)
+    alone = pack_rows(prompts, replies, max_sequence=20)
+    assert alone.real_tokens == (a + 4 + 4) + (b + 2 + 1)
+    assert alone.padded_tokens == 2 * (a + 8)
+    # together, b also shares "<|im_start|>user\n" (6 tokens) with a
+    together = pack_rows(prompts, replies)
+    assert together.real_tokens == alone.real_tokens - 6 == together.padded_tokens
 
 
 def test_plan_micro_batches_covers_rows_keeps_prompts_together_and_fits_the_budget():

@@ -83,6 +83,9 @@ class GIGPOLoss(LossModule):
         max_tokens_per_micro_batch: padded-token budget of one micro-batch in
             :meth:`backward`. Default 4096.
         micro_batch_size: rows per micro-batch instead of a token budget.
+        max_sequence_tokens: positions of one packed sequence, in which rows with distinct
+            prompts share their common prefix. Default 512 (attention over a packed sequence
+            grows with its length; on a CPU 512 costs far less than the prefixes it saves).
     """
 
     @dataclass
@@ -106,6 +109,7 @@ class GIGPOLoss(LossModule):
         loss_agg_mode: str = "token_mean",
         max_tokens_per_micro_batch: int | None = 4096,
         micro_batch_size: int | None = None,
+        max_sequence_tokens: int = 512,
     ):
         if not clip_epsilon > 0:
             raise ValueError(f"clip_epsilon={clip_epsilon!r} must be > 0")
@@ -116,7 +120,13 @@ class GIGPOLoss(LossModule):
         if micro_batch_size is not None:
             max_tokens_per_micro_batch = None
         # validates both budgets
-        plan_micro_batches([], [], max_tokens=max_tokens_per_micro_batch, max_rows=micro_batch_size)
+        plan_micro_batches(
+            [],
+            [],
+            max_tokens=max_tokens_per_micro_batch,
+            max_rows=micro_batch_size,
+            max_sequence=max_sequence_tokens,
+        )
         super().__init__()
         self.model = model
         self.clip_epsilon = clip_epsilon
@@ -124,6 +134,7 @@ class GIGPOLoss(LossModule):
         self.loss_agg_mode = loss_agg_mode
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.micro_batch_size = micro_batch_size
+        self.max_sequence_tokens = max_sequence_tokens
 
     @property
     def in_keys(self) -> list[NestedKey]:
@@ -196,7 +207,11 @@ class GIGPOLoss(LossModule):
         """Weighted sums over rows ``index`` (weights of a mini-batch of ``tokens`` reply
         tokens in ``count`` non-empty rows): the loss terms and the diagnostics' sums."""
         device = self.device
-        packed = pack_rows([rows["prompt"][i] for i in index], [rows["response"][i] for i in index])
+        packed = pack_rows(
+            [rows["prompt"][i] for i in index],
+            [rows["response"][i] for i in index],
+            max_sequence=self.max_sequence_tokens,
+        )
         packed = packed.to(device)
         log_probs, entropy = reply_log_probs(self.model, packed, entropy=True)
 
@@ -256,6 +271,7 @@ class GIGPOLoss(LossModule):
             tensordict.get(keys.prompt_tokens, as_list=True),
             tensordict.get(keys.response_tokens, as_list=True),
             max_tokens=self.max_tokens_per_micro_batch,
+            max_sequence=self.max_sequence_tokens,
             max_rows=self.micro_batch_size,
         )
 
@@ -303,7 +319,11 @@ class GIGPOLoss(LossModule):
         out: list[Tensor | None] = [None] * len(prompts)
         device = next(reference.parameters()).device
         for index in self.micro_batches(tensordict):
-            packed = pack_rows([prompts[i] for i in index], [responses[i] for i in index])
+            packed = pack_rows(
+                [prompts[i] for i in index],
+                [responses[i] for i in index],
+                max_sequence=self.max_sequence_tokens,
+            )
             log_probs, _ = reply_log_probs(reference, packed.to(device))
             parts = log_probs.float().cpu().split(packed.lengths.tolist())
             for i, part in zip(index, parts, strict=True):

@@ -6,12 +6,14 @@ work: the N rows of an episode group often share their prompt (GIGPO groups step
 identical state), prompts are ~20× longer than replies, and a full-vocabulary LM head over
 every prompt position is a fifth of the model's compute. Here:
 
-- Rows with the same prompt become one *packed sequence*: the prompt once, then the token
-  trie of its replies (identical reply prefixes are shared too). An attention mask lets
-  each token see exactly its own ancestors and position ids continue each reply right after
-  the prompt, so every reply token is computed with exactly the context it has alone: the
-  log-probs and their gradients equal those of separate sequences (the shared prompt's
-  encoding simply receives the gradients of all its replies).
+- Rows become *packed sequences*: the token trie of their full sequences (prompt, then
+  reply), so a prefix several rows share is encoded once — the same prompt of the N rows
+  of a group in one state, and the system prompt, task and unchanged parts of the
+  observation that distinct prompts start with. An attention mask lets each token see
+  exactly its own ancestors and position ids restart along each path, so every reply token
+  is computed with exactly the context it has alone: the log-probs and their gradients
+  equal those of separate sequences (a shared prefix's encoding simply receives the
+  gradients of all the rows below it).
 - Hidden states are gathered at the positions that predict a reply token before the LM
   head, so no logits are ever computed for prompt positions.
 - :func:`plan_micro_batches` fills micro-batches up to a padded-token budget with sequences
@@ -80,35 +82,80 @@ def _as_list(tokens: Tensor | Sequence[int]) -> list[int]:
     return tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
 
 
-def _trie_sequence(
-    prompt: list[int], replies: list[list[int]]
-) -> tuple[list[int], list[int], list[int], list[list[int]]]:
-    """One packed sequence: ``(tokens, parent, depth, predictors)``.
+def _trie(rows: Sequence[tuple[list[int], list[int]]]) -> tuple[list, list, list, list]:
+    """The token trie of rows ``(prompt, reply)``: ``(tokens, parent, depth, predictors)``.
 
-    ``parent[i]`` is the node before node ``i`` (-1 for the first prompt token), ``depth[i]``
-    its position in its row; ``predictors[r][j]`` is the node whose output predicts token
-    ``j`` of reply ``r``. Nodes are numbered so that a parent always comes first.
+    Every row's full sequence (prompt then reply) is a path from a root; rows sharing a
+    prefix share its nodes. ``parent[i]`` is the node before node ``i`` (-1 at a root),
+    ``depth[i]`` its position in its rows; ``predictors[r][j]`` is the node whose output
+    predicts token ``j`` of row ``r``'s reply. A parent always comes before its children.
     """
-    tokens = list(prompt)
-    parent = list(range(-1, len(prompt) - 1))
-    depth = list(range(len(prompt)))
+    tokens: list[int] = []
+    parent: list[int] = []
+    depth: list[int] = []
     children: dict[tuple[int, int], int] = {}
     predictors = []
-    for reply in replies:
-        node = len(prompt) - 1
-        path = []
-        for token in reply:
-            path.append(node)
+    for prompt, reply in rows:
+        node, path = -1, []
+        for position, token in enumerate(prompt + reply):
+            if position >= len(prompt):
+                path.append(node)
             child = children.get((node, token))
             if child is None:
                 child = len(tokens)
                 children[node, token] = child
                 tokens.append(token)
                 parent.append(node)
-                depth.append(depth[node] + 1)
+                depth.append(position)
             node = child
         predictors.append(path)
     return tokens, parent, depth, predictors
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plan_sequences(
+    prompts: Sequence[Tensor | Sequence[int]],
+    responses: Sequence[Tensor | Sequence[int]],
+    *,
+    max_sequence: int = 512,
+) -> list[list[int]]:
+    """Which rows share a packed sequence: row indices per sequence.
+
+    Rows with the same prompt always share one. Distinct prompts are sorted (so that the
+    ones with the longest common prefix are neighbours) and consecutive ones share a
+    sequence while its trie stays within ``max_sequence`` positions: the common system
+    prompt, task and unchanged parts of the observation are then encoded once per sequence.
+    A prompt group longer than ``max_sequence`` gets a sequence of its own.
+    """
+    return _sequences(prompts, responses, max_sequence)[0]
+
+
+def _sequences(prompts, responses, max_sequence: int) -> tuple[list[list[int]], list[int]]:
+    """:func:`plan_sequences` and an upper bound of each sequence's trie size."""
+    groups = group_by_prompt(prompts)
+    keys = [tuple(_as_list(prompts[g[0]])) for g in groups]
+    sequences: list[list[int]] = []
+    sizes: list[int] = []
+    previous: tuple[int, ...] = ()
+    for g in sorted(range(len(groups)), key=keys.__getitem__):
+        replies = sum(len(responses[i]) for i in groups[g])  # their trie may share more
+        added = len(keys[g]) - _common_prefix(keys[g], previous) + replies
+        if sequences and sizes[-1] + added <= max_sequence:
+            sequences[-1].extend(groups[g])
+            sizes[-1] += added
+        else:
+            sequences.append(list(groups[g]))
+            sizes.append(len(keys[g]) + replies)
+        previous = keys[g]
+    return sequences, sizes
 
 
 def group_by_prompt(prompts: Sequence[Tensor | Sequence[int]]) -> list[list[int]]:
@@ -122,12 +169,16 @@ def group_by_prompt(prompts: Sequence[Tensor | Sequence[int]]) -> list[list[int]
 def pack_rows(
     prompts: Sequence[Tensor | Sequence[int]],
     responses: Sequence[Tensor | Sequence[int]],
+    *,
+    max_sequence: int = 512,
 ) -> PackedBatch:
-    """Pack rows into one sequence per distinct prompt (see the module docstring).
+    """Pack rows into token-trie sequences (see the module docstring and
+    :func:`plan_sequences`).
 
     Args:
         prompts: R prompt token sequences, each non-empty.
         responses: R reply token sequences (any ids; an empty reply contributes nothing).
+        max_sequence: positions per packed sequence, where distinct prompts share one.
 
     Returns:
         A :class:`PackedBatch` on the CPU, whose ``gather``/``targets`` list the reply
@@ -142,11 +193,10 @@ def pack_rows(
             raise ValueError(f"row {i} has an empty prompt: nothing predicts its first token")
     sequences = []
     row_predictors: list[tuple[int, list[int]]] = [(0, [])] * len(prompts)
-    for s, rows in enumerate(group_by_prompt(prompt_lists)):
-        tokens, parent, depth, predictors = _trie_sequence(
-            prompt_lists[rows[0]], [reply_lists[i] for i in rows]
-        )
-        sequences.append((tokens, parent, depth, len(prompt_lists[rows[0]])))
+    plan = plan_sequences(prompt_lists, reply_lists, max_sequence=max_sequence)
+    for s, rows in enumerate(plan):
+        tokens, parent, depth, predictors = _trie([(prompt_lists[i], reply_lists[i]) for i in rows])
+        sequences.append((tokens, parent, depth))
         for i, path in zip(rows, predictors, strict=True):
             row_predictors[i] = (s, path)
 
@@ -156,15 +206,13 @@ def pack_rows(
     position_ids = np.zeros((count, width), dtype=np.int64)
     # Padding attends to itself only: a query with no key would give NaN in attention.
     mask = np.broadcast_to(np.eye(width, dtype=bool), (count, width, width)).copy()
-    for s, (tokens, parent, depth, prompt_len) in enumerate(sequences):
-        n = len(tokens)
-        input_ids[s, :n] = tokens
-        position_ids[s, :n] = depth
+    for s, (tokens, parent, depth) in enumerate(sequences):
+        input_ids[s, : len(tokens)] = tokens
+        position_ids[s, : len(tokens)] = depth
         ancestors = mask[s]
-        ancestors[:n, :n] = np.tril(np.ones((n, n), dtype=bool))  # right for the prompt chain
-        for node in range(prompt_len, n):  # a reply node sees its parent's ancestors, itself
-            ancestors[node, :n] = ancestors[parent[node], :n]
-            ancestors[node, node] = True
+        for node, up in enumerate(parent):  # a node sees its parent's ancestors and itself
+            if up >= 0:
+                ancestors[node, :node] = ancestors[up, :node]
     gather = [s * width + node for s, path in row_predictors for node in path]
     targets = [token for reply in reply_lists for token in reply]
     return PackedBatch(
@@ -184,41 +232,44 @@ def plan_micro_batches(
     *,
     max_tokens: int | None = None,
     max_rows: int | None = None,
+    max_sequence: int = 512,
 ) -> list[list[int]]:
     """Split rows into micro-batches: lists of row indices covering every row once.
 
-    Rows that share a prompt stay together (one packed sequence). Sequences are sorted by
-    length and a micro-batch takes sequences while its padded size — sequences × the
-    longest — stays within ``max_tokens``, so each holds sequences of similar length. A
-    sequence longer than ``max_tokens`` gets a micro-batch of its own. ``max_rows`` caps the
-    rows per micro-batch instead (splitting a prompt's rows if it must); with neither, one
-    micro-batch holds everything.
+    Rows are grouped into packed sequences (:func:`plan_sequences`), which stay whole.
+    Sequences are sorted by length and a micro-batch takes sequences while its padded size
+    — sequences × the longest — stays within ``max_tokens``, so each holds sequences of
+    similar length. A sequence longer than ``max_tokens`` gets a micro-batch of its own.
+    ``max_rows`` caps the rows per micro-batch instead (splitting a sequence if it must);
+    with neither, one micro-batch holds everything.
     """
     if max_tokens is not None and max_rows is not None:
         raise ValueError("give max_tokens or max_rows, not both")
-    for name, value in (("max_tokens", max_tokens), ("max_rows", max_rows)):
+    for name, value in (
+        ("max_tokens", max_tokens),
+        ("max_rows", max_rows),
+        ("max_sequence", max_sequence),
+    ):
         bad = isinstance(value, bool) or not isinstance(value, int) or value < 1
-        if value is not None and bad:
+        if (value is not None or name == "max_sequence") and bad:
             raise ValueError(f"{name}={value!r} must be a positive integer")
-    groups = group_by_prompt(prompts)
-    # Upper bound of a sequence's length (the trie can only be shorter): cheap and stable.
-    size = {g[0]: len(prompts[g[0]]) + sum(len(responses[i]) for i in g) for g in groups}
-    groups.sort(key=lambda g: size[g[0]], reverse=True)
+    sequences, size = _sequences(prompts, responses, max_sequence)
+    order = sorted(range(len(sequences)), key=size.__getitem__, reverse=True)
     if max_rows is not None:
-        rows = [i for g in groups for i in g]
+        rows = [i for k in order for i in sequences[k]]
         return [rows[k : k + max_rows] for k in range(0, len(rows), max_rows)]
     if max_tokens is None:
-        return [[i for g in groups for i in g]] if groups else []
+        return [[i for k in order for i in sequences[k]]] if sequences else []
     batches: list[list[int]] = []
     longest = count = 0
-    for group in groups:
+    for k in order:
         # sorted longest first: the first sequence of a micro-batch sets its width
         if batches and (count + 1) * longest <= max_tokens:
-            batches[-1].extend(group)
+            batches[-1].extend(sequences[k])
             count += 1
         else:
-            batches.append(list(group))
-            longest, count = size[group[0]], 1
+            batches.append(list(sequences[k]))
+            longest, count = size[k], 1
     return batches
 
 
