@@ -76,7 +76,7 @@ def test_frozenlake_with_random_start_and_goal():
         assert path is not None and len(path) >= 1
         # the coordinates line says the same as the grid, 1-based
         line = (
-            f"You are at row {r + 1}, column {c + 1}; the goal is at row {gr + 1}, column {gc + 1}."
+            f"You are at row {r + 1}, column {c + 1}; the goal is at row {gr + 1}, column {gc + 1}"
         )
         assert line in td["observation"][i]
     assert len(starts) > 2 and len(goals) > 2  # not gymnasium's fixed corners
@@ -87,6 +87,23 @@ def test_frozenlake_with_random_start_and_goal():
     assert again["observation"][1] == td["observation"][5]
     with pytest.raises(ValueError, match="start_goal='middle'"):
         make_env("frozenlake", batch_size=1, start_goal="middle")
+
+
+def test_frozenlake_says_where_the_goal_is_in_words():
+    env = make_env("frozenlake", batch_size=2, size=3, start_goal="random", frozen_prob=0.7)
+    td = reset(env, 4, 7)
+    assert td["observation"][0] == (
+        "H G H\nF P F\nH F H\nLegend: P you, S start, F frozen (safe), H hole, G goal.\n"
+        "You are at row 2, column 2; the goal is at row 1, column 2: 1 row up."
+    )
+    assert td["observation"][1].endswith(
+        "You are at row 1, column 1; the goal is at row 2, column 2: 1 row down and 1 column right."
+    )
+    after = play(env, td, "down", "right")  # a hole at row 1, column 2 ends the second
+    assert after["observation"][0].endswith(
+        "at row 3, column 2; the goal is at row 1, column 2: 2 rows up."
+    )
+    assert bool(after["terminated"][1])
 
 
 def test_frozenlake_state_includes_the_map():

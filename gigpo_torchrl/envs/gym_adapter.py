@@ -140,10 +140,23 @@ def render_frozenlake(env: gym.Env) -> str:
     return (
         _grid(["".join(r) for r in rows])
         + "\nLegend: P you, S start, F frozen (safe), H hole, G goal."
-        # small models read coordinates far more easily than a position in a grid
+        # small models read coordinates and directions far more easily than a grid
         + f"\nYou are at row {row + 1}, column {col + 1}; the goal is at row {goal[0] + 1}, "
-        f"column {goal[1] + 1}."
+        f"column {goal[1] + 1}{_direction(goal[0] - row, goal[1] - col)}."
     )
+
+
+def _direction(rows: int, cols: int) -> str:
+    """``": 1 row down and 2 columns left"`` (nothing when there is no way to go)."""
+    parts = [
+        f"{abs(n)} {unit}{'s' if abs(n) > 1 else ''} {way}"
+        for n, unit, way in (
+            (rows, "row", "down" if rows > 0 else "up"),
+            (cols, "column", "right" if cols > 0 else "left"),
+        )
+        if n
+    ]
+    return ": " + " and ".join(parts) if parts else ""
 
 
 def render_taxi(env: gym.Env) -> str:
