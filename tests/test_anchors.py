@@ -358,3 +358,14 @@ def test_training_logs_the_anchor_mode_and_its_groups(tmp_path):
     # the collector's exact-state statistics are coarser: history only splits groups
     exact = trainer.collector.stats["singleton_fraction"]
     assert record["singleton_fraction"] >= exact
+
+
+def test_anchor_modes_on_every_device(device):
+    td = two_trajectories()
+    on_device = td.clone().to(device)  # the texts stay text
+    for anchor in ("state", "history:1", "similar"):
+        expected = GIGPOAdvantage(anchor=anchor)(td.clone())
+        got = GIGPOAdvantage(anchor=anchor)(on_device.clone())
+        assert got["advantage"].device.type == torch.device(device).type
+        assert torch.equal(got["step_group_size"].cpu(), expected["step_group_size"])
+        assert torch.allclose(got["advantage"].cpu(), expected["advantage"])

@@ -182,3 +182,25 @@ def test_num_games_plays_a_fixed_set(cache):
     a = TextWorldGame("trivial", num_games=3, cache_dir=cache)
     b = TextWorldGame("trivial", num_games=3, cache_dir=cache)
     assert (a.reset(1), a.task) == (b.reset(4), b.task)
+
+
+@needs_textworld
+@pytest.mark.slow
+def test_tiny_textworld_comparison_writes_csv_summary_and_figure(tmp_path, cache):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_textworld.py"
+    spec = importlib.util.spec_from_file_location("compare_textworld", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    try:
+        spec.loader.exec_module(module)
+        args = ["--tiny", "--out-dir", str(tmp_path), "--cache-dir", str(cache)]
+        rows = module.main([*args, "--settings", "grpo", "gigpo", "gigpo-similar"])
+    finally:
+        del sys.modules[spec.name]
+    assert {r["setting"] for r in rows} == {"grpo", "gigpo", "gigpo-similar"}
+    assert {r["anchor"] for r in rows} == {"state", "similar"}
+    for name in ("compare_textworld.csv", "compare_textworld_summary.csv", "compare_textworld.png"):
+        assert (tmp_path / name).is_file()
