@@ -322,3 +322,22 @@ def test_training_draws_tasks_of_every_seed_parity(policy):
     for _ in range(10):
         starts |= set(train._reset_tasks()["state_hash"].tolist())
     assert len(starts) == 4
+
+
+def test_a_policy_constrained_to_the_actions_never_plays_an_invalid_one():
+    tokenizer = make_char_tokenizer()
+    policy = LLMPolicy(
+        make_tiny_model(tokenizer),
+        tokenizer,
+        max_new_tokens=8,
+        forbid_special=True,
+        constrain_actions=True,
+    )
+    torch.manual_seed(0)
+    collector = GroupCollector("sokoban", policy, num_groups=2, num_generations=2, max_steps=4)
+    batch = collector.collect()
+    assert collector.stats["invalid_action_rate"] == 0.0
+    assert set(batch["action_text"]) <= {"up", "down", "left", "right"}
+    assert [t[-1].item() for t in batch.get(("tokens", "response"), as_list=True)] == [
+        tokenizer.eos_token_id
+    ] * batch.shape[0]

@@ -110,3 +110,24 @@ def test_a_common_prefix_is_prefilled_once(tiny):
             logits = model(torch.cat([prompt, reply])[None]).logits[0, len(prompt) - 1 : -1]
         expected = logits.log_softmax(-1).gather(-1, reply[:, None])[:, 0]
         torch.testing.assert_close(lp, expected, atol=1e-4, rtol=0)
+
+
+def test_choices_restrict_replies_and_keep_full_distribution_log_probs(tiny):
+    tokenizer, model = tiny
+    eos = tokenizer.eos_token_id
+    options = [tokenizer.encode(w) + [eos] for w in ("up", "down", "push")]
+    batch = prompts(tokenizer)
+    torch.manual_seed(4)
+    settings = SamplingSettings(max_new_tokens=8, temperature=1.5, eos_ids=(eos,))
+    choices = [options, options[:1], [], options, options[1:]]  # the third reply is free
+    replies, log_probs = sample_replies(
+        model, batch, settings, pad_id=tokenizer.pad_token_id, choices=choices
+    )
+    for i, (prompt, reply, lp) in enumerate(zip(batch, replies, log_probs, strict=True)):
+        if choices[i]:
+            assert reply.tolist() in choices[i]
+        with torch.no_grad():
+            logits = model(torch.cat([prompt, reply])[None]).logits[0, len(prompt) - 1 : -1]
+        expected = logits.log_softmax(-1).gather(-1, reply[:, None])[:, 0]
+        torch.testing.assert_close(lp, expected, atol=1e-4, rtol=0)
+    assert replies[1].tolist() == options[0]  # a single choice is forced

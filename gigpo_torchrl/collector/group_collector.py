@@ -322,9 +322,13 @@ class GroupCollector:
                 )
                 for i in active
             ]
-            replies = self.policy(
-                TensorDict({("text", "prompt"): NonTensorStack.from_list(prompts)}, [len(active)])
+            inputs = TensorDict(
+                {("text", "prompt"): NonTensorStack.from_list(prompts)}, [len(active)]
             )
+            if getattr(self.policy, "constrain_actions", False):  # it chooses among the actions
+                actions = [list(admissible[i]) for i in active]
+                inputs["admissible_actions"] = NonTensorStack.from_list(actions)
+            replies = self.policy(inputs)
             generated_rows += len(active)
             actions = [""] * n_env
             for k, i in enumerate(active):

@@ -61,6 +61,10 @@ class LLMPolicy(TensorDictModuleBase):
         temperature, top_p, max_new_tokens: sampling settings (``temperature=0`` is greedy).
         forbid_special: forbid generating special tokens other than eos (useful for tiny
             random models, whose samples would otherwise not round-trip through text).
+        constrain_actions: when the input holds ``admissible_actions`` (a list of strings
+            per row, as :class:`~gigpo_torchrl.collector.GroupCollector` passes), every
+            reply is one of them followed by eos: a choice among the actions, never an
+            invalid one. Behaviour log-probs stay those of the full distribution.
         sampler: a torchrl LLM wrapper that generates from ``("tokens", "prompt")`` instead
             of ``model.generate`` (e.g. a ``vLLMWrapper`` serving the same weights;
             :func:`make_policy` builds it for ``backend="vllm"``). Its replies are then
@@ -87,6 +91,7 @@ class LLMPolicy(TensorDictModuleBase):
         top_p: float = 1.0,
         max_new_tokens: int = 64,
         forbid_special: bool = False,
+        constrain_actions: bool = False,
         sampler: TensorDictModuleBase | None = None,
     ):
         super().__init__()
@@ -129,6 +134,7 @@ class LLMPolicy(TensorDictModuleBase):
             forbidden_ids=tuple(i for (i,) in generate_kwargs.get("bad_words_ids", [])),
         )
         self.sampler = sampler
+        self.constrain_actions = constrain_actions
         self.scorer = scoring_wrapper(model, tokenizer)
 
     @property
@@ -164,19 +170,35 @@ class LLMPolicy(TensorDictModuleBase):
             receiver.apply_weights(TensorDict(dict(self.model.state_dict()), []))
 
     @torch.no_grad()
-    def generate(self, prompt_tokens: list[torch.Tensor]) -> tuple[list, list]:
+    def generate(
+        self, prompt_tokens: list[torch.Tensor], actions: list[list[str]] | None = None
+    ) -> tuple[list, list]:
         """Sample replies (:func:`~gigpo_torchrl.policy.sampling.sample_replies`: identical
         prompts prefilled once, finished replies leave the batch) and keep each reply
         token's log-prob from the raw logits that sampled it — its teacher-forced log-prob,
         so no second forward pass over the prompts is needed. (torchrl's generate path
         zeroes the first reply token's log-prob, pitfall 2, hence our own loop.)
 
+        With ``actions`` (per prompt, the admissible actions; used when the policy was built
+        with ``constrain_actions=True``) each reply is one of them followed by eos.
+
         Returns:
             ``(responses, log_probs)``: per prompt, the reply tokens (up to and including
             eos) and their log-probs, on the CPU.
         """
+        choices = None
+        if self.constrain_actions and actions is not None:
+            eos = self.tokenizer.eos_token_id
+            choices = [
+                [self.tokenizer.encode(a, add_special_tokens=False) + [eos] for a in row]
+                for row in actions
+            ]
         return sample_replies(
-            self.model, prompt_tokens, self.sampling, pad_id=self.tokenizer.pad_token_id
+            self.model,
+            prompt_tokens,
+            self.sampling,
+            pad_id=self.tokenizer.pad_token_id,
+            choices=choices,
         )
 
     @torch.no_grad()
@@ -186,8 +208,13 @@ class LLMPolicy(TensorDictModuleBase):
         if isinstance(prompts, str):
             prompts = [prompts]
         prompt_tokens = self.encode(prompts)
+        actions = tensordict.get("admissible_actions", None)
+        if actions is not None:
+            actions = [
+                list(a) for a in (actions.tolist() if hasattr(actions, "tolist") else actions)
+            ]
         if self.sampler is None:
-            responses, response_log_probs = self.generate(prompt_tokens)
+            responses, response_log_probs = self.generate(prompt_tokens, actions)
             # Prompt positions are no reply tokens: NaN keeps them out of any ratio, as
             # torchrl does for its generate-path alignment pads.
             log_probs = [

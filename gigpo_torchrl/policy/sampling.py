@@ -58,6 +58,26 @@ def _pick(logits: Tensor, settings: SamplingSettings) -> Tensor:
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
+def _allowed(choices, rows: list[int], prefixes: Tensor, vocab: int) -> Tensor | None:
+    """bool ``[len(rows), vocab]``: the tokens that continue one of each row's choices after
+    its reply so far (every token for a row without choices); None when no row has any."""
+    if not choices or not any(choices[i] for i in rows):
+        return None
+    allowed = torch.zeros(len(rows), vocab, dtype=torch.bool)
+    for k, i in enumerate(rows):
+        done = prefixes[i].tolist()
+        nexts = [
+            seq[len(done)]
+            for seq in choices[i]
+            if len(seq) > len(done) and list(seq[: len(done)]) == done
+        ]
+        if nexts:
+            allowed[k, nexts] = True
+        else:
+            allowed[k] = True
+    return allowed
+
+
 def _cache_keyword(model: torch.nn.Module) -> str:
     """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -93,6 +113,7 @@ def sample_replies(
     settings: SamplingSettings,
     *,
     pad_id: int,
+    choices: Sequence[Sequence[Sequence[int]]] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Sample one reply per prompt with ``model`` (a transformers causal LM).
 
@@ -100,6 +121,10 @@ def sample_replies(
         prompts: R int64 token sequences, each non-empty.
         settings: see :class:`SamplingSettings`.
         pad_id: fills the left padding (masked out).
+        choices: per prompt, the token sequences the reply must be one of (each ending
+            with an eos id), or an empty list for a free reply. Sampling is restricted to
+            tokens that continue one of them; the log-probs stay those of the model's full
+            distribution, which training uses too.
 
     Returns:
         ``(replies, log_probs)``: per prompt, the reply tokens (up to and including the
@@ -146,7 +171,11 @@ def sample_replies(
     active = torch.arange(count)  # batch row -> reply index
     eos = torch.tensor(settings.eos_ids, dtype=torch.long, device=device)
     for t in range(settings.max_new_tokens):
-        token = _pick(logits, settings)
+        allowed = _allowed(choices, active.tolist(), tokens[:, :t], logits.shape[-1])
+        token = _pick(
+            logits if allowed is None else logits.masked_fill(~allowed.to(device), float("-inf")),
+            settings,
+        )
         log_prob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
         tokens[active, t] = token.cpu()
         log_probs[active, t] = log_prob.cpu()

@@ -48,6 +48,8 @@ HELP = {
     "auto: bfloat16 on CUDA, float32 on CPU",
     "gradient_checkpointing": "recompute activations in backward: less memory, ~30%% slower",
     "num_threads": "torch intra-op threads on CPU (default: the cores not busy at start-up)",
+    "constrain_actions": "every reply is one of the admissible actions (decoding restricted "
+    "to them): a choice among actions, never an invalid one",
     "train_layers": "train only the top K decoder layers (and the final norm): backward stops "
     "there; embeddings and LM head frozen",
     "val_at_start": "validate once before the first update (the baseline of the curves)",

@@ -102,6 +102,7 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8
+    constrain_actions: bool = False
     # -- optimisation --
     learning_rate: float = 1e-5
     weight_decay: float = 0.0

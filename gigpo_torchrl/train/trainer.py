@@ -154,7 +154,11 @@ class Trainer:
             )
             model = get_peft_model(model, lora)
         self.model, self.tokenizer = model, tokenizer
-        sampling = dict(max_new_tokens=config.max_new_tokens, forbid_special=config.model == "tiny")
+        sampling = dict(
+            max_new_tokens=config.max_new_tokens,
+            forbid_special=config.model == "tiny",
+            constrain_actions=config.constrain_actions,
+        )
         self.policy = LLMPolicy(
             model, tokenizer, temperature=config.temperature, top_p=config.top_p, **sampling
         )
