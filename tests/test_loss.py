@@ -176,3 +176,23 @@ def test_value_estimator_and_errors(tiny):
         GIGPOLoss(model, loss_agg_mode="mean")
     with pytest.raises(ValueError, match="max_tokens=0"):
         GIGPOLoss(model, max_tokens_per_micro_batch=0)
+
+
+def test_constrained_replies_are_trained_on_the_distribution_they_were_sampled_from(tiny):
+    from gigpo_torchrl.collector import GroupCollector
+    from gigpo_torchrl.policy import LLMPolicy
+
+    tokenizer, model = tiny
+    policy = LLMPolicy(
+        model, tokenizer, max_new_tokens=8, forbid_special=True, constrain_actions=True
+    )
+    torch.manual_seed(0)
+    collector = GroupCollector("sokoban", policy, num_groups=2, num_generations=2, max_steps=3)
+    batch = GIGPOAdvantage()(collector.collect())
+    assert ("allowed_tokens", "response") in batch.keys(True)
+    out = GIGPOLoss(model, micro_batch_size=3).backward(batch)
+    # the loss scores each reply like the sampler did: ratio 1 at every token
+    assert float(out["kl_to_behaviour"]) < 1e-6 and float(out["clip_fraction"]) == 0
+    # forced tokens (the only way on) have probability 1: the entropy of those is 0, so
+    # the mean entropy is at most log(4) (four actions to choose among at the first token)
+    assert 0 < float(out["entropy"]) < math.log(4)

@@ -24,7 +24,9 @@ def test_greedy_replies_equal_transformers_generate(tiny, device):
     model = model.to(device)
     eos = tokenizer.eos_token_id
     settings = SamplingSettings(max_new_tokens=12, temperature=0, eos_ids=(eos,))
-    replies, _ = sample_replies(model, prompts(tokenizer), settings, pad_id=tokenizer.pad_token_id)
+    replies, _, _ = sample_replies(
+        model, prompts(tokenizer), settings, pad_id=tokenizer.pad_token_id
+    )
     for prompt, reply in zip(prompts(tokenizer), replies, strict=True):
         out = model.generate(
             prompt[None].to(device),
@@ -45,7 +47,7 @@ def test_log_probs_are_the_teacher_forced_ones(tiny):
     torch.manual_seed(0)
     settings = SamplingSettings(max_new_tokens=8, temperature=1.3, top_p=0.9)
     batch = prompts(tokenizer)
-    replies, log_probs = sample_replies(model, batch, settings, pad_id=tokenizer.pad_token_id)
+    replies, log_probs, _ = sample_replies(model, batch, settings, pad_id=tokenizer.pad_token_id)
     assert [len(r) for r in replies] == [8] * 5  # no eos given: every reply is full length
     for prompt, reply, lp in zip(batch, replies, log_probs, strict=True):
         full = torch.cat([prompt, reply])[None]
@@ -61,7 +63,7 @@ def test_identical_prompts_are_prefilled_once_and_sampled_independently(tiny):
     hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
     try:
         torch.manual_seed(1)
-        replies, _ = sample_replies(
+        replies, _, _ = sample_replies(
             model, batch, SamplingSettings(max_new_tokens=6), pad_id=tokenizer.pad_token_id
         )
     finally:
@@ -78,7 +80,7 @@ def test_forbidden_tokens_and_eos(tiny):
     forbidden = tuple(range(4, 60))  # most printable characters
     settings = SamplingSettings(max_new_tokens=10, eos_ids=(eos,), forbidden_ids=forbidden)
     torch.manual_seed(2)
-    replies, log_probs = sample_replies(
+    replies, log_probs, _ = sample_replies(
         model, prompts(tokenizer) * 4, settings, pad_id=tokenizer.pad_token_id
     )
     for reply, lp in zip(replies, log_probs, strict=True):
@@ -99,7 +101,9 @@ def test_a_common_prefix_is_prefilled_once(tiny):
     try:
         torch.manual_seed(3)
         settings = SamplingSettings(max_new_tokens=5, temperature=0.8)
-        replies, log_probs = sample_replies(model, batch, settings, pad_id=tokenizer.pad_token_id)
+        replies, log_probs, _ = sample_replies(
+            model, batch, settings, pad_id=tokenizer.pad_token_id
+        )
     finally:
         hook.remove()
     shared = len(tokenizer.encode(system))
@@ -112,22 +116,32 @@ def test_a_common_prefix_is_prefilled_once(tiny):
         torch.testing.assert_close(lp, expected, atol=1e-4, rtol=0)
 
 
-def test_choices_restrict_replies_and_keep_full_distribution_log_probs(tiny):
+def test_choices_restrict_replies_to_a_renormalised_distribution(tiny):
     tokenizer, model = tiny
     eos = tokenizer.eos_token_id
-    options = [tokenizer.encode(w) + [eos] for w in ("up", "down", "push")]
+    up, down, push = (tokenizer.encode(w) + [eos] for w in ("up", "down", "push"))
     batch = prompts(tokenizer)
     torch.manual_seed(4)
     settings = SamplingSettings(max_new_tokens=8, temperature=1.5, eos_ids=(eos,))
-    choices = [options, options[:1], [], options, options[1:]]  # the third reply is free
-    replies, log_probs = sample_replies(
+    choices = [[up, down, push], [up], [], [up, down, push], [down, push]]  # the third is free
+    replies, log_probs, allowed = sample_replies(
         model, batch, settings, pad_id=tokenizer.pad_token_id, choices=choices
     )
     for i, (prompt, reply, lp) in enumerate(zip(batch, replies, log_probs, strict=True)):
-        if choices[i]:
-            assert reply.tolist() in choices[i]
         with torch.no_grad():
             logits = model(torch.cat([prompt, reply])[None]).logits[0, len(prompt) - 1 : -1]
-        expected = logits.log_softmax(-1).gather(-1, reply[:, None])[:, 0]
-        torch.testing.assert_close(lp, expected, atol=1e-4, rtol=0)
-    assert replies[1].tolist() == options[0]  # a single choice is forced
+        if not choices[i]:
+            assert allowed[i].shape == (len(reply), 0)
+            expected = logits.log_softmax(-1).gather(-1, reply[:, None])[:, 0]
+            torch.testing.assert_close(lp, expected, atol=1e-4, rtol=0)
+            continue
+        assert reply.tolist() in choices[i]
+        for t, token in enumerate(reply.tolist()):
+            # the tokens that continue one of the choices after the reply so far, by hand
+            ways = sorted({c[t] for c in choices[i] if c[:t] == reply[:t].tolist()})
+            assert [x for x in allowed[i][t].tolist() if x >= 0] == ways
+            expected = logits[t, token] - logits[t, ways].logsumexp(-1)
+            assert float(lp[t]) == pytest.approx(float(expected), abs=1e-4)
+    assert replies[1].tolist() == up and float(log_probs[1].abs().sum()) == 0  # forced
+    # "down" and "push" differ at their first letter: the last one chose there, then forced
+    assert float(log_probs[4][0]) < 0 and float(log_probs[4][1:].abs().sum()) == 0

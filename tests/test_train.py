@@ -116,6 +116,16 @@ def test_zero_step_weight_reproduces_grpo_exactly(tmp_path):
     assert not all(torch.equal(w_full[k], w_grpo[k]) for k in w_grpo)
 
 
+def test_no_optimizer_step_without_a_learning_signal(tmp_path):
+    # the tiny model's replies are all invalid: every return is equal, so GRPO's advantages
+    # are all 0 and so is the gradient; AdamW must not step (its momentum would move weights)
+    trainer = Trainer(tiny_config(tmp_path, advantage_estimator="grpo", iterations=1))
+    record = trainer.train_iteration()
+    assert float(trainer.last_batch["advantage"].abs().sum()) == 0
+    assert record["grad_norm"] == 0 and record["optimizer_steps_skipped"] == 1
+    assert not trainer.optimizer.state  # never stepped
+
+
 def test_train_layers_freezes_all_but_the_top_layers(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, train_layers=1, iterations=1))
     before = weights(trainer.model)

@@ -50,7 +50,11 @@ class GIGPOLoss(LossModule):
     - ``("log_probs", "response")``: float ``[len(response)]``, the behaviour log-probs;
     - ``advantage``: one value per row (``[R]``, ``[R, 1]`` or ``[R, 1, 1]``), e.g. from
       :class:`~gigpo_torchrl.GIGPOAdvantage`, the default value estimator;
-    - ``("ref_log_probs", "response")`` when ``beta > 0`` (:meth:`reference_log_probs`).
+    - ``("ref_log_probs", "response")`` when ``beta > 0`` (:meth:`reference_log_probs`);
+    - ``("allowed_tokens", "response")`` when the replies were sampled among restricted
+      token sets (:class:`~gigpo_torchrl.policy.LLMPolicy` with ``constrain_actions``):
+      log-probs, ratios, KLs and entropy are then those of the model's distribution
+      renormalised over each set, the distribution the replies were sampled from.
 
     Every term and diagnostic is computed over reply tokens only — never prompt or padding
     positions — with masks from the stored lengths, so any token id (pad, eos, other
@@ -97,6 +101,7 @@ class GIGPOLoss(LossModule):
         response_tokens: NestedKey = ("tokens", "response")
         sample_log_prob: NestedKey = ("log_probs", "response")
         ref_log_probs: NestedKey = ("ref_log_probs", "response")
+        allowed_tokens: NestedKey = ("allowed_tokens", "response")
 
     default_value_estimator = GIGPOAdvantage
 
@@ -186,6 +191,7 @@ class GIGPOLoss(LossModule):
         }
         if self.beta > 0:
             rows["reference"] = tokens(keys.ref_log_probs)
+        rows["allowed"] = self._allowed(tensordict)
         count = len(rows["prompt"])
         if rows["advantage"].numel() != count:
             raise ValueError(
@@ -211,6 +217,7 @@ class GIGPOLoss(LossModule):
             [rows["prompt"][i] for i in index],
             [rows["response"][i] for i in index],
             max_sequence=self.max_sequence_tokens,
+            allowed=None if rows["allowed"] is None else [rows["allowed"][i] for i in index],
         )
         packed = packed.to(device)
         log_probs, entropy = reply_log_probs(self.model, packed, entropy=True)
@@ -245,6 +252,14 @@ class GIGPOLoss(LossModule):
         terms["_padded"] = packed.padded_tokens
         terms["_real"] = packed.real_tokens
         return terms
+
+    def _allowed(self, tensordict: TensorDictBase) -> list[Tensor] | None:
+        """The rows' allowed token sets (replies sampled among the admissible actions), or
+        None when the batch has none."""
+        key = self.tensor_keys.allowed_tokens
+        if key not in tensordict.keys(True):
+            return None
+        return tensordict.get(key, as_list=True)
 
     @staticmethod
     def _totals(rows: dict) -> tuple[int, int]:
@@ -316,6 +331,7 @@ class GIGPOLoss(LossModule):
         keys = self.tensor_keys
         prompts = tensordict.get(keys.prompt_tokens, as_list=True)
         responses = tensordict.get(keys.response_tokens, as_list=True)
+        allowed = self._allowed(tensordict)
         out: list[Tensor | None] = [None] * len(prompts)
         device = next(reference.parameters()).device
         for index in self.micro_batches(tensordict):
@@ -323,6 +339,7 @@ class GIGPOLoss(LossModule):
                 [prompts[i] for i in index],
                 [responses[i] for i in index],
                 max_sequence=self.max_sequence_tokens,
+                allowed=None if allowed is None else [allowed[i] for i in index],
             )
             log_probs, _ = reply_log_probs(reference, packed.to(device))
             parts = log_probs.float().cpu().split(packed.lengths.tolist())

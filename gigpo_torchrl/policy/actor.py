@@ -9,7 +9,7 @@ from tensordict import TensorDict, TensorDictBase, lazy_stack
 from tensordict.nn import TensorDictModuleBase
 from torchrl.modules.llm import TransformersWrapper
 
-from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
+from gigpo_torchrl.policy.sampling import Replies, SamplingSettings, sample_replies
 
 
 def scoring_wrapper(model, tokenizer) -> TransformersWrapper:
@@ -64,7 +64,11 @@ class LLMPolicy(TensorDictModuleBase):
         constrain_actions: when the input holds ``admissible_actions`` (a list of strings
             per row, as :class:`~gigpo_torchrl.collector.GroupCollector` passes), every
             reply is one of them followed by eos: a choice among the actions, never an
-            invalid one. Behaviour log-probs stay those of the full distribution.
+            invalid one. The policy is then the model's distribution renormalised over the
+            tokens that continue an action; the rows carry the allowed sets as
+            ``("allowed_tokens", "response")`` (int64 ``[len(reply), K]``, -1 padded) so
+            that :class:`~gigpo_torchrl.objectives.GIGPOLoss` trains that same
+            distribution.
         sampler: a torchrl LLM wrapper that generates from ``("tokens", "prompt")`` instead
             of ``model.generate`` (e.g. a ``vLLMWrapper`` serving the same weights;
             :func:`make_policy` builds it for ``backend="vllm"``). Its replies are then
@@ -172,7 +176,7 @@ class LLMPolicy(TensorDictModuleBase):
     @torch.no_grad()
     def generate(
         self, prompt_tokens: list[torch.Tensor], actions: list[list[str]] | None = None
-    ) -> tuple[list, list]:
+    ) -> Replies:
         """Sample replies (:func:`~gigpo_torchrl.policy.sampling.sample_replies`: identical
         prompts prefilled once, finished replies leave the batch) and keep each reply
         token's log-prob from the raw logits that sampled it — its teacher-forced log-prob,
@@ -180,11 +184,12 @@ class LLMPolicy(TensorDictModuleBase):
         zeroes the first reply token's log-prob, pitfall 2, hence our own loop.)
 
         With ``actions`` (per prompt, the admissible actions; used when the policy was built
-        with ``constrain_actions=True``) each reply is one of them followed by eos.
+        with ``constrain_actions=True``) each reply is one of them followed by eos, sampled
+        from the model's distribution renormalised over the tokens that continue one.
 
         Returns:
-            ``(responses, log_probs)``: per prompt, the reply tokens (up to and including
-            eos) and their log-probs, on the CPU.
+            :class:`~gigpo_torchrl.policy.sampling.Replies`: per prompt, the reply tokens (up
+            to and including eos), their log-probs and, when constrained, the allowed sets.
         """
         choices = None
         if self.constrain_actions and actions is not None:
@@ -214,7 +219,7 @@ class LLMPolicy(TensorDictModuleBase):
                 list(a) for a in (actions.tolist() if hasattr(actions, "tolist") else actions)
             ]
         if self.sampler is None:
-            responses, response_log_probs = self.generate(prompt_tokens, actions)
+            responses, response_log_probs, allowed = self.generate(prompt_tokens, actions)
             # Prompt positions are no reply tokens: NaN keeps them out of any ratio, as
             # torchrl does for its generate-path alignment pads.
             log_probs = [
@@ -229,6 +234,7 @@ class LLMPolicy(TensorDictModuleBase):
             responses = generated.get(("tokens", "response"), as_list=True)
             full = [torch.cat([p, r]) for p, r in zip(prompt_tokens, responses, strict=True)]
             log_probs = self.score(full)
+            allowed = None
         rows = [
             TensorDict(
                 {
@@ -245,4 +251,7 @@ class LLMPolicy(TensorDictModuleBase):
                 prompts, prompt_tokens, responses, full, log_probs, strict=True
             )
         ]
+        if allowed is not None:  # the sets a constrained reply was sampled from
+            for row, ids in zip(rows, allowed, strict=True):
+                row.set(("allowed_tokens", "response"), ids)
         return lazy_stack(rows)

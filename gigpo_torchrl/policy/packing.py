@@ -47,6 +47,9 @@ class PackedBatch:
         targets: int64 ``[T]``: the reply tokens.
         lengths: int64 ``[R]``: reply length of each row (``T = lengths.sum()``).
         real_tokens: positions holding a token (the rest of ``S * L`` is padding).
+        allowed: int64 ``[T, K]`` or None: for replies sampled among a restricted set of
+            tokens, the ids allowed at each reply token (-1 padded; a token with no allowed
+            id was free), whose log-probs are then renormalised over that set.
     """
 
     input_ids: Tensor
@@ -56,6 +59,7 @@ class PackedBatch:
     targets: Tensor
     lengths: Tensor
     real_tokens: int
+    allowed: Tensor | None = None
 
     @property
     def padded_tokens(self) -> int:
@@ -75,6 +79,7 @@ class PackedBatch:
                 )
             ),
             real_tokens=self.real_tokens,
+            allowed=None if self.allowed is None else self.allowed.to(device, non_blocking=True),
         )
 
 
@@ -171,6 +176,7 @@ def pack_rows(
     responses: Sequence[Tensor | Sequence[int]],
     *,
     max_sequence: int = 512,
+    allowed: Sequence[Tensor] | None = None,
 ) -> PackedBatch:
     """Pack rows into token-trie sequences (see the module docstring and
     :func:`plan_sequences`).
@@ -179,6 +185,7 @@ def pack_rows(
         prompts: R prompt token sequences, each non-empty.
         responses: R reply token sequences (any ids; an empty reply contributes nothing).
         max_sequence: positions per packed sequence, where distinct prompts share one.
+        allowed: per row, int64 ``[len(response), K]`` (see :attr:`PackedBatch.allowed`).
 
     Returns:
         A :class:`PackedBatch` on the CPU, whose ``gather``/``targets`` list the reply
@@ -223,7 +230,16 @@ def pack_rows(
         targets=torch.tensor(targets, dtype=torch.long),
         lengths=torch.tensor([len(r) for r in reply_lists], dtype=torch.long),
         real_tokens=sum(len(seq[0]) for seq in sequences),
+        allowed=None if allowed is None else _stack_allowed(allowed),
     )
+
+
+def _stack_allowed(allowed: Sequence[Tensor]) -> Tensor:
+    """The rows' ``[len, K_r]`` allowed sets as one ``[T, max K]``, -1 padded."""
+    width = max((a.shape[1] for a in allowed), default=0)
+    return torch.cat(
+        [torch.nn.functional.pad(a, (0, width - a.shape[1]), value=-1) for a in allowed]
+    ).long()
 
 
 def plan_micro_batches(
@@ -284,8 +300,9 @@ def reply_log_probs(
 
     Returns:
         ``(log_probs, entropy)``: float32 ``[T]`` on the model's device, differentiable when
-        grad is enabled; ``entropy`` (no grad) is the entropy of the full next-token
-        distribution at each reply position, or None unless asked for.
+        grad is enabled; ``entropy`` (no grad) is the entropy of the next-token
+        distribution at each reply position (renormalised over the allowed set where
+        ``packed.allowed`` restricts it), or None unless asked for.
     """
     config = model.config
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
@@ -313,10 +330,27 @@ def reply_log_probs(
     ).last_hidden_state
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.gather)
     logits = model.get_output_embeddings()(selected).float()
+    if packed.allowed is not None and packed.allowed.shape[1] > 0:
+        logits = _restrict(logits, packed.allowed, packed.targets)
     log_softmax = logits.log_softmax(-1)
     log_probs = log_softmax.gather(-1, packed.targets[:, None]).squeeze(-1)
     ent = None
     if entropy:
         with torch.no_grad():
-            ent = -(log_softmax.exp() * log_softmax).sum(-1)
+            probs = log_softmax.exp()
+            ent = -(probs * log_softmax.masked_fill(probs == 0, 0)).sum(-1)
     return log_probs, ent
+
+
+def _restrict(logits: Tensor, allowed: Tensor, targets: Tensor) -> Tensor:
+    """``[T, V]`` logits with every id outside each token's allowed set at -inf (tokens
+    with no allowed ids keep the full vocabulary). The target is always allowed."""
+    restricted = (allowed >= 0).any(-1)
+    vocab = logits.shape[-1]
+    # padding (-1) goes to an extra column, dropped after
+    keep = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+    keep.scatter_(-1, allowed.masked_fill(allowed < 0, vocab), True)
+    keep = keep[:, :vocab]
+    keep[~restricted] = True
+    keep.scatter_(-1, targets[:, None], True)
+    return logits.masked_fill(~keep, float("-inf"))

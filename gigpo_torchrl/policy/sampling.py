@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -58,23 +59,20 @@ def _pick(logits: Tensor, settings: SamplingSettings) -> Tensor:
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
-def _allowed(choices, rows: list[int], prefixes: Tensor, vocab: int) -> Tensor | None:
-    """bool ``[len(rows), vocab]``: the tokens that continue one of each row's choices after
-    its reply so far (every token for a row without choices); None when no row has any."""
+def _allowed(choices, rows: list[int], prefixes: Tensor) -> list[list[int] | None] | None:
+    """Per row of ``rows``, the tokens that continue one of its choices after its reply so
+    far (None for a row without choices); None when no row has any."""
     if not choices or not any(choices[i] for i in rows):
         return None
-    allowed = torch.zeros(len(rows), vocab, dtype=torch.bool)
-    for k, i in enumerate(rows):
+    allowed = []
+    for i in rows:
         done = prefixes[i].tolist()
-        nexts = [
+        nexts = {
             seq[len(done)]
             for seq in choices[i]
             if len(seq) > len(done) and list(seq[: len(done)]) == done
-        ]
-        if nexts:
-            allowed[k, nexts] = True
-        else:
-            allowed[k] = True
+        }
+        allowed.append(sorted(nexts) or None)
     return allowed
 
 
@@ -122,13 +120,13 @@ def sample_replies(
         settings: see :class:`SamplingSettings`.
         pad_id: fills the left padding (masked out).
         choices: per prompt, the token sequences the reply must be one of (each ending
-            with an eos id), or an empty list for a free reply. Sampling is restricted to
-            tokens that continue one of them; the log-probs stay those of the model's full
-            distribution, which training uses too.
+            with an eos id), or an empty list for a free reply. At each step the policy is
+            the model's distribution renormalised over the tokens that continue one of
+            them: the log-probs are of that distribution (a token that was the only way on
+            has log-prob 0), and ``allowed`` records the sets for training.
 
     Returns:
-        ``(replies, log_probs)``: per prompt, the reply tokens (up to and including the
-        first eos, or ``max_new_tokens`` long) and their log-probs, on the CPU.
+        :class:`Replies`: the reply tokens, their log-probs and the allowed sets.
     """
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
@@ -170,12 +168,19 @@ def sample_replies(
     lengths = torch.full((count,), settings.max_new_tokens, dtype=torch.long)
     active = torch.arange(count)  # batch row -> reply index
     eos = torch.tensor(settings.eos_ids, dtype=torch.long, device=device)
+    steps_allowed: list[list] = [[] for _ in range(count)]  # per reply, per token
     for t in range(settings.max_new_tokens):
-        allowed = _allowed(choices, active.tolist(), tokens[:, :t], logits.shape[-1])
-        token = _pick(
-            logits if allowed is None else logits.masked_fill(~allowed.to(device), float("-inf")),
-            settings,
-        )
+        allowed = _allowed(choices, active.tolist(), tokens[:, :t])
+        if allowed is not None:
+            # the policy is the model's distribution renormalised over the allowed tokens
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            for k, ids in enumerate(allowed):
+                keep[k, ids if ids is not None else slice(None)] = True
+            logits = logits.masked_fill(~keep, float("-inf"))
+        if choices:
+            for k, i in enumerate(active.tolist()):
+                steps_allowed[i].append((allowed[k] if allowed else None) or [])
+        token = _pick(logits, settings)
         log_prob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
         tokens[active, t] = token.cpu()
         log_probs[active, t] = log_prob.cpu()
@@ -198,7 +203,34 @@ def sample_replies(
             **{cache_keyword: cache},
         )
         logits = out.logits[:, -1].float()
-    return (
-        [tokens[i, :n] for i, n in enumerate(lengths.tolist())],
-        [log_probs[i, :n] for i, n in enumerate(lengths.tolist())],
+    lengths = lengths.tolist()
+    return Replies(
+        [tokens[i, :n] for i, n in enumerate(lengths)],
+        [log_probs[i, :n] for i, n in enumerate(lengths)],
+        [_padded(steps_allowed[i][:n]) for i, n in enumerate(lengths)] if choices else None,
     )
+
+
+def _padded(steps: list[list[int]]) -> Tensor:
+    """int64 ``[len(steps), K]``: each step's allowed ids, padded with -1 (K = 0 for a free
+    reply: every token was allowed)."""
+    width = max((len(ids) for ids in steps), default=0)
+    out = torch.full((len(steps), width), -1, dtype=torch.long)
+    for t, ids in enumerate(steps):
+        out[t, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+class Replies(NamedTuple):
+    """What :func:`sample_replies` returns, per prompt (on the CPU).
+
+    Attributes:
+        tokens: the reply tokens, up to and including the first eos (or ``max_new_tokens``).
+        log_probs: each reply token's log-prob under the distribution it was sampled from.
+        allowed: with ``choices``, int64 ``[len(reply), K]`` per reply: the token ids that
+            were allowed at each step (padded with -1; K = 0 for a free reply); else None.
+    """
+
+    tokens: list[Tensor]
+    log_probs: list[Tensor]
+    allowed: list[Tensor] | None

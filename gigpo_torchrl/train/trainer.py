@@ -55,6 +55,7 @@ METRICS = (
     "clip_fraction",
     "entropy",
     "grad_norm",
+    "optimizer_steps_skipped",
     "tokens_generated",
     "padding_fraction",
     "train_tokens_per_s",
@@ -377,7 +378,7 @@ class Trainer:
         model.train()
         start = time.perf_counter()
         sums: dict[str, float] = {}
-        optimizer_steps = 0
+        optimizer_steps = skipped = 0
         rows = batch.shape[0]
         # progress: each micro-batch's forward calls the LM head once (packed scoring)
         shown = {"done": 0, "total": 0, "epoch": ""}
@@ -403,7 +404,12 @@ class Trainer:
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
                 )
-                self.optimizer.step()
+                if float(norm) == 0:
+                    # all advantages 0 and no KL term: no signal. AdamW would still move the
+                    # weights along its momentum (and decay them): skip the step instead.
+                    skipped += 1
+                else:
+                    self.optimizer.step()
                 optimizer_steps += 1
                 out["loss"] = out["loss_objective"] + out["loss_kl_to_ref"]
                 out["grad_norm"] = norm
@@ -420,6 +426,7 @@ class Trainer:
             for key in ("loss", "kl_to_ref", "kl_to_behaviour", "clip_fraction", "entropy")
         }
         means["grad_norm"] = sums["grad_norm"] / optimizer_steps
+        means["optimizer_steps_skipped"] = skipped
         means["padding_fraction"] = 1 - sums["real_tokens"] / sums["tokens"]
         # the rows' own tokens per second, however they were packed
         means["train_tokens_per_s"] = row_tokens * config.ppo_epochs / seconds
