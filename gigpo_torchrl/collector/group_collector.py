@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -78,6 +82,25 @@ class GroupCollector:
             :meth:`collect` with the step rows collected so far in the batch and the number
             of environments that just acted (a progress display; also settable later as the
             ``on_step`` attribute).
+        num_env_workers: 0 (default) steps the games in this process; N >= 1 splits the
+            batch over N Ray actors that step their shares in parallel
+            (:class:`~gigpo_torchrl.collector.ray_workers.ShardedTextEnv`); the rows are
+            the same as with 0, for the same seeds. Needs ``pip install
+            'gigpo-torchrl[ray]'``.
+        num_policy_replicas: 0 (default) generates with ``policy`` in this process; R >= 1
+            generates with R Ray actors holding copies of ``policy`` (transformers), each
+            serving a *lane* of whole groups (and of the env workers, of which it then
+            needs a multiple). Lanes run concurrently: one lane's games step while another
+            lane's replies are generated. :meth:`update_policy_weights_` pushes the
+            weights after each update. Greedy decoding gives the single-process rows; when
+            sampling, each replica's RNG is seeded (``seed`` + lane), so the rows are
+            reproducible but not those of the single-process collector.
+        ray_address: the Ray cluster to join (``"auto"``, ``"ray://host:10001"``, ...);
+            None starts a local Ray instance when workers are asked for and Ray is not
+            initialised yet.
+        env_worker_options, replica_options: ``ray.remote`` actor options, e.g.
+            ``replica_options={"num_gpus": 1}`` (a replica given a GPU generates on it).
+        replica_dtype: ``"bfloat16"`` makes replicas generate under bfloat16 autocast.
 
     Held-out tasks. A task is what an episode starts from: its initial state, identified
     by the ``state_hash`` after reset (two seeds that give the same start are the same
@@ -118,18 +141,55 @@ class GroupCollector:
         held_out: bool = False,
         exclude_tasks: Iterable[int] = (),
         on_step: Callable[[int, int], None] | None = None,
+        num_env_workers: int = 0,
+        num_policy_replicas: int = 0,
+        ray_address: str | None = None,
+        env_worker_options: dict | None = None,
+        replica_options: dict | None = None,
+        replica_dtype: str = "float32",
     ):
         self.num_groups = _positive("num_groups", num_groups)
         self.num_generations = _positive("num_generations", num_generations)
         if total_batches is not None:
             _positive("total_batches", total_batches)
         batch = self.num_groups * self.num_generations
-        if isinstance(env, str):
-            self.env = make_env(env, batch_size=batch, max_steps=max_steps, **(env_kwargs or {}))
-        elif callable(env):
-            self.env = env(batch)
-        else:
+        for name, value in (
+            ("num_env_workers", num_env_workers),
+            ("num_policy_replicas", num_policy_replicas),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        #: generation replicas (Ray actors), one per lane; None: ``policy`` generates here
+        self.replicas = None
+        #: ``(first shard, last shard)`` of each lane when replicas generate
+        self._lanes: list[tuple[int, int]] = []
+        if not isinstance(env, str) and not callable(env):
             raise ValueError(f"env must be a registered name or a factory, got {env!r}")
+        if num_env_workers or num_policy_replicas:
+            from gigpo_torchrl.collector import ray_workers
+
+            ray_workers.init_ray(ray_address)
+            factory = (
+                functools.partial(make_env, env, max_steps=max_steps, **(env_kwargs or {}))
+                if isinstance(env, str)
+                else env
+            )
+            sizes = self._shard_sizes(num_env_workers, num_policy_replicas)
+            self.env = ray_workers.ShardedTextEnv(
+                factory, sizes, ray=num_env_workers > 0, actor_options=env_worker_options
+            )
+            if num_policy_replicas:
+                self.replicas = ray_workers.PolicyReplicas(
+                    policy,
+                    num_policy_replicas,
+                    seed=check_seed(seed),
+                    dtype=replica_dtype,
+                    actor_options=replica_options,
+                )
+        elif isinstance(env, str):
+            self.env = make_env(env, batch_size=batch, max_steps=max_steps, **(env_kwargs or {}))
+        else:
+            self.env = env(batch)
         if tuple(self.env.batch_size) != (batch,):
             raise ValueError(
                 f"the env factory made batch size {tuple(self.env.batch_size)}, expected {batch}"
@@ -190,12 +250,53 @@ class GroupCollector:
 
     def update_policy_weights_(self, state_dict: dict | None = None) -> None:
         """Load ``state_dict`` into the policy's model (in-process policies share the
-        trainer's model already, so calling this without arguments is a no-op)."""
+        trainer's model already, so calling this without arguments is a no-op there), and
+        push it to the generation replicas, if any: without ``state_dict``, the policy
+        model's trainable parameters (all its weights when none is trainable)."""
         if state_dict is not None:
             self.policy.model.load_state_dict(state_dict)
+        if self.replicas is not None:
+            self.replicas.update_weights(state_dict)
 
     def shutdown(self) -> None:
         self.env.close(raise_if_closed=False)
+        if self.replicas is not None:
+            self.replicas.shutdown()
+
+    def _shard_sizes(self, workers: int, replicas: int) -> list[int]:
+        """Elements per env shard, in element order. With R replicas the batch is cut into
+        R lanes of whole groups, each holding ``workers / R`` shards (one without workers);
+        ``self._lanes`` records each lane's shards."""
+        from gigpo_torchrl.collector.ray_workers import split_sizes
+
+        batch, n = self.num_groups * self.num_generations, self.num_generations
+        if not replicas:
+            if workers > batch:
+                raise ValueError(
+                    f"num_env_workers={workers}: more workers than the {batch} environments"
+                )
+            return split_sizes(batch, workers)
+        if replicas > self.num_groups:
+            raise ValueError(
+                f"num_policy_replicas={replicas}: each replica serves whole groups, and there "
+                f"are {self.num_groups}"
+            )
+        if workers % replicas:
+            raise ValueError(
+                f"num_env_workers={workers} must be a multiple of num_policy_replicas="
+                f"{replicas} (each replica's lane has its own env workers)"
+            )
+        per_lane = max(1, workers // replicas)
+        sizes: list[int] = []
+        for groups in split_sizes(self.num_groups, replicas):
+            if groups * n < per_lane:
+                raise ValueError(
+                    f"num_env_workers={workers}: a lane of {groups * n} environments cannot "
+                    f"feed {per_lane} workers"
+                )
+            self._lanes.append((len(sizes), len(sizes) + per_lane))
+            sizes += split_sizes(groups * n, per_lane)
+        return sizes
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -302,6 +403,44 @@ class GroupCollector:
 
         td = self._reset_tasks()
         raw = list(getattr(self.env, "raw_actions", None) or [False] * n_env)
+        if self.replicas is None:
+            rows, generated_rows, env_errors = self._play(
+                td, group_ids, traj_ids, raw, self._generate_here, None, [0]
+            )
+        else:
+            rows, generated_rows, env_errors = self._play_lanes(td, group_ids, traj_ids, raw)
+        batch = lazy_stack(rows)
+        self.stats = self._statistics(batch, generated_rows)
+        self.stats.update(
+            env_errors=env_errors,
+            tasks_held_out=self.tasks_held_out,
+            tasks_redrawn=self._redrawn,
+        )
+        if self.replay_buffer is not None:
+            self.replay_buffer.extend(batch)
+        return batch
+
+    def _generate_here(self, prompts: list[str], actions: list | None = None) -> TensorDictBase:
+        """Replies of the in-process policy to ``prompts`` (with each prompt's admissible
+        ``actions`` for a policy that chooses among them)."""
+        inputs = TensorDict({("text", "prompt"): NonTensorStack.from_list(prompts)}, [len(prompts)])
+        if actions is not None:
+            inputs["admissible_actions"] = NonTensorStack.from_list(actions)
+        return self.policy(inputs)
+
+    def _play(self, td, group_ids, traj_ids, raw, generate, step, count, lock=None):
+        """Play the episodes of ``td`` (all envs, or one lane's) to their ends.
+
+        At every step the unfinished envs' prompts go to ``generate`` in one call and their
+        actions to the env: ``self.env.step`` when ``step`` is None, else
+        ``step(actions) -> next outputs`` (a lane). ``count`` is a one-element list
+        of the rows played so far, shared between lanes (under ``lock``) for ``on_step``.
+
+        Returns:
+            ``(rows, generated_rows, env_errors)``; the rows come step by step, in env
+            order within a step.
+        """
+        n_env = td.shape[0]
         env_errors = 0
         memory = self.prompt_builder.memory
         history = [deque(maxlen=memory) for _ in range(n_env)]
@@ -322,21 +461,21 @@ class GroupCollector:
                 )
                 for i in active
             ]
-            inputs = TensorDict(
-                {("text", "prompt"): NonTensorStack.from_list(prompts)}, [len(active)]
-            )
-            if getattr(self.policy, "constrain_actions", False):  # it chooses among the actions
-                actions = [list(admissible[i]) for i in active]
-                inputs["admissible_actions"] = NonTensorStack.from_list(actions)
-            replies = self.policy(inputs)
+            if getattr(self.policy, "constrain_actions", False):
+                replies = generate(prompts, [list(admissible[i]) for i in active])
+            else:
+                replies = generate(prompts)
             generated_rows += len(active)
             actions = [""] * n_env
             for k, i in enumerate(active):
                 reply = replies[k]["text", "response"]
                 # games with raw_action (ms-swift envs) parse the whole reply themselves
                 actions[i] = reply if raw[i] else self.parse(reply, tuple(admissible[i]))
-            td["action_text"] = NonTensorStack.from_list(actions)
-            next_td = self.env.step(td)["next"]
+            if step is None:
+                td["action_text"] = NonTensorStack.from_list(actions)
+                next_td = self.env.step(td)["next"]
+            else:
+                next_td = step(actions)
             has_errors = next_td.get("error", None) is not None
             errors = list(next_td["error"]) if has_errors else [""] * n_env
             for k, i in enumerate(active):
@@ -348,18 +487,40 @@ class GroupCollector:
                 history[i].append((observations[i], actions[i]))
             done = next_td["done"].reshape(-1).clone()
             td = next_td
-            if self.on_step is not None:
-                self.on_step(len(rows), len(active))
-        batch = lazy_stack(rows)
-        self.stats = self._statistics(batch, generated_rows)
-        self.stats.update(
-            env_errors=env_errors,
-            tasks_held_out=self.tasks_held_out,
-            tasks_redrawn=self._redrawn,
+            with lock or contextlib.nullcontext():
+                count[0] += len(active)
+                if self.on_step is not None:
+                    self.on_step(count[0], len(active))
+        return rows, generated_rows, env_errors
+
+    def _play_lanes(self, td, group_ids, traj_ids, raw):
+        """Play each replica's lane in a thread of its own: while one lane waits for its
+        replica's replies, the others' games step. The rows are merged into the order the
+        single-lane loop makes (step by step, env order within a step)."""
+        env = self.env
+        count, lock = [0], threading.Lock()
+
+        def lane(k: int):
+            first, last = self._lanes[k]
+            lo, hi = env.offsets[first], env.offsets[last]
+            return self._play(
+                td[lo:hi],
+                group_ids[lo:hi],
+                traj_ids[lo:hi],
+                raw[lo:hi],
+                functools.partial(self.replicas.generate, k),
+                functools.partial(env.step_shards, first, last),
+                count,
+                lock,
+            )
+
+        with ThreadPoolExecutor(len(self._lanes), thread_name_prefix="gigpo-lane") as pool:
+            played = list(pool.map(lane, range(len(self._lanes))))
+        rows = sorted(
+            (row for lane_rows, _, _ in played for row in lane_rows),
+            key=lambda row: (int(row["step"]), int(row["traj_id"])),
         )
-        if self.replay_buffer is not None:
-            self.replay_buffer.extend(batch)
-        return batch
+        return rows, sum(p[1] for p in played), sum(p[2] for p in played)
 
     @staticmethod
     def _row(td, next_td, reply, i, group_id, traj_id, action) -> TensorDict:

@@ -48,6 +48,12 @@ HELP = {
     "auto: bfloat16 on CUDA, float32 on CPU",
     "gradient_checkpointing": "recompute activations in backward: less memory, ~30%% slower",
     "num_threads": "torch intra-op threads on CPU (default: the cores not busy at start-up)",
+    "num_env_workers": "Ray actors stepping the games in parallel, each a share of the "
+    "batch (0: in this process; needs gigpo-torchrl[ray]); the rows are the same",
+    "num_policy_replicas": "Ray actors generating replies with copies of the model, each "
+    "for a lane of whole groups, weights pushed after every update (0: in this process)",
+    "ray_address": "Ray cluster to join (auto, ray://host:10001, ...); default: start a "
+    "local one when workers or replicas are asked for",
     "constrain_actions": "every reply is one of the admissible actions (decoding restricted "
     "to them): a choice among actions, never an invalid one",
     "train_layers": "train only the top K decoder layers (and the final norm): backward stops "

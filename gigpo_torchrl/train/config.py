@@ -43,6 +43,9 @@ RESUMABLE = frozenset(
         "val_at_start",
         "device",
         "num_threads",
+        "num_env_workers",  # the same rows, stepped elsewhere
+        "num_policy_replicas",  # the same rules; sampled replies follow the replicas' RNGs
+        "ray_address",
         "gradient_checkpointing",
         "max_tokens_per_micro_batch",
         "micro_batch_size",
@@ -122,6 +125,9 @@ class TrainConfig:
     dtype: str = "auto"
     gradient_checkpointing: bool = False
     num_threads: int | None = None
+    num_env_workers: int = 0
+    num_policy_replicas: int = 0
+    ray_address: str | None = None
     # -- validation, logging, checkpoints --
     val_every: int = 4
     val_at_start: bool = True
@@ -237,6 +243,7 @@ class TrainConfig:
         number("micro_batch_size", 1, integer=True, allow_none=True)
         number("max_tokens_per_micro_batch", 1, integer=True, allow_none=True)
         number("num_threads", 1, integer=True, allow_none=True)
+        self._check_ray()
         number("train_layers", 1, integer=True, allow_none=True)
         if self.lora and self.train_layers is not None:
             raise ValueError("--lora and --train_layers are exclusive: choose one")
@@ -287,6 +294,43 @@ class TrainConfig:
                 f"--run_name {self.run_name!r} must be a plain folder name (inside --output_dir)"
             )
         self._check_env()
+
+    def _check_ray(self) -> None:
+        """Env workers and generation replicas: Ray installed, shares that divide evenly."""
+        for name in ("num_env_workers", "num_policy_replicas"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"--{name} {value!r} must be an integer >= 0")
+        workers, replicas = self.num_env_workers, self.num_policy_replicas
+        if not (workers or replicas or self.ray_address):
+            return
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError(
+                "--num_env_workers, --num_policy_replicas and --ray_address need Ray: "
+                "pip install 'gigpo-torchrl[ray]'"
+            )
+        envs = self.num_groups * self.num_generations
+        if workers > envs:
+            raise ValueError(
+                f"--num_env_workers {workers}: more workers than the {envs} environments "
+                "(num_groups × num_generations)"
+            )
+        if replicas:
+            if self.backend == "vllm":
+                raise ValueError(
+                    "--num_policy_replicas copies the transformers model into Ray actors; "
+                    "with --backend vllm generation already runs in vLLM's engine"
+                )
+            if replicas > self.num_groups:
+                raise ValueError(
+                    f"--num_policy_replicas {replicas}: each replica serves whole groups, "
+                    f"and --num_groups is {self.num_groups}"
+                )
+            if workers % replicas:
+                raise ValueError(
+                    f"--num_env_workers {workers} must be a multiple of --num_policy_replicas "
+                    f"{replicas} (each replica's lane has its own env workers)"
+                )
 
     def _check_types(self) -> None:
         """Flags arrive typed; Python and YAML callers may pass strings for booleans etc."""

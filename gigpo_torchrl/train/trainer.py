@@ -173,6 +173,7 @@ class Trainer:
                 policy.sampler = vllm_sampler(llm, tokenizer, policy.generate_kwargs)
         prompts = PromptBuilder(memory=config.memory)
         env_kwargs = {**config.env_kwargs, "invalid_action_penalty": config.invalid_action_penalty}
+        workers = self._ray_workers(config)
         self.collector = GroupCollector(
             config.env,
             self.policy,
@@ -182,6 +183,7 @@ class Trainer:
             seed=config.seed,
             prompt_builder=prompts,
             env_kwargs=env_kwargs,
+            **workers,
         )
         # A fixed held-out task set (tasks = initial states), the same at every validation;
         # training never draws one (unless the env has too few tasks: val_tasks_held_out).
@@ -195,6 +197,8 @@ class Trainer:
             prompt_builder=prompts,
             env_kwargs=env_kwargs,
             held_out=True,
+            # validation generates here; its games step in env workers too
+            num_env_workers=min(config.num_env_workers, config.val_groups),
         )
         self.collector.exclude_tasks(self.val_collector.held_out_tasks)
         self._val_sampler = self.val_collector.state_dict()
@@ -251,6 +255,26 @@ class Trainer:
         self.env_steps = 0
         self.history: list[dict] = []
         self.last_batch: TensorDictBase | None = None
+
+    def _ray_workers(self, config: TrainConfig) -> dict:
+        """The training collector's Ray options: env workers, generation replicas (each
+        given an equal share of the cluster's GPUs, at most one, when training on CUDA)."""
+        if not (config.num_env_workers or config.num_policy_replicas):
+            return {}
+        from gigpo_torchrl.collector.ray_workers import init_ray
+
+        ray = init_ray(config.ray_address)
+        options = {}
+        gpus = ray.cluster_resources().get("GPU", 0) if self.device.type == "cuda" else 0
+        if config.num_policy_replicas and gpus:
+            options = {"num_gpus": min(1.0, gpus / config.num_policy_replicas)}
+        return dict(
+            num_env_workers=config.num_env_workers,
+            num_policy_replicas=config.num_policy_replicas,
+            ray_address=config.ray_address,
+            replica_options=options,
+            replica_dtype=self.dtype,
+        )
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -419,6 +443,7 @@ class Trainer:
             hook.remove()
         model.eval()
         self.policy.sync_sampler_weights()
+        self.collector.update_policy_weights_()  # to the generation replicas, if any
         seconds = time.perf_counter() - start
         row_tokens = sum(t.numel() for t in batch.get(("tokens", "full"), as_list=True))
         means = {
@@ -528,6 +553,8 @@ class Trainer:
         self.env_steps = state["env_steps"]
         self.history = state["history"]
         set_rng_state(state["rng"])
+        if self.collector.replicas is not None:
+            self.collector.update_policy_weights_(self.model.state_dict())
         # records written after the checkpoint by the interrupted run are dropped, from
         # metrics.jsonl and from the CSV logger's files alike
         with open(self.run_dir / "metrics.jsonl", "w") as out:
