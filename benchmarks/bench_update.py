@@ -21,6 +21,7 @@ The last line reads ``update speed-up: <x>x, padding: <p>%`` (padding of the "af
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -71,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--env", default="frozenlake")
+    parser.add_argument("--env-kwargs", type=json.loads, default={}, help="JSON object")
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--max-steps", type=int, default=8)
@@ -91,6 +93,7 @@ def main() -> None:
         num_generations=args.generations,
         max_steps=args.max_steps,
         seed=0,
+        env_kwargs=args.env_kwargs,
     )
     batch = GIGPOAdvantage()(collector.collect())
     rows = batch.shape[0]

@@ -100,7 +100,7 @@ def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
     with pytest.raises(ValueError) as error:
         Trainer(changed)
     message = str(error.value)
-    assert "gamma: 0.95 -> 0.5" in message and "learning_rate: 1e-05 -> 0.001" in message
+    assert "gamma: 0.95 -> 0.5" in message and "learning_rate: 0.0001 -> 0.001" in message
     assert "iterations" not in message.split("(only")[0]  # a safe change is not listed
     capsys.readouterr()
     assert main(argv_of(changed)) == 2

@@ -14,8 +14,14 @@ from gigpo_torchrl.train.cli import parse_config
     ("argv", "message"),
     [
         (["--num_env_workers", "-1"], "--num_env_workers -1 must be an integer >= 0"),
-        (["--num_env_workers", "9"], "--num_env_workers 9: more workers than the 8 env"),
-        (["--num_policy_replicas", "3"], "serves whole groups, and --num_groups is 2"),
+        (
+            ["--num_groups", "2", "--num_env_workers", "9"],
+            "--num_env_workers 9: more workers than the 8 env",
+        ),
+        (
+            ["--num_groups", "2", "--num_policy_replicas", "3"],
+            "serves whole groups, and --num_groups is 2",
+        ),
         (
             ["--num_policy_replicas", "2", "--num_env_workers", "3"],
             "--num_env_workers 3 must be a multiple of --num_policy_replicas 2",

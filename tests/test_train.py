@@ -155,6 +155,21 @@ def test_lora_trains_only_the_adapter(tmp_path):
     assert (tmp_path / "run" / "model" / "adapter_config.json").exists()
 
 
+def test_lora_with_train_layers_puts_adapters_in_the_top_layers_only(tmp_path):
+    pytest.importorskip("peft")
+    trainer = Trainer(tiny_config(tmp_path, lora=True, lora_rank=2, train_layers=1))
+    trainable = [k for k, v in trainer.model.named_parameters() if v.requires_grad]
+    top = len(trainer.model.get_decoder().layers) - 1
+    assert trainable and all("lora_" in k and f"layers.{top}." in k for k in trainable)
+
+
+def test_train_layers_beyond_the_model_trains_every_layer(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, train_layers=99))
+    layers = trainer.model.get_decoder().layers
+    assert all(p.requires_grad for p in layers.parameters())
+    assert not trainer.model.get_input_embeddings().weight.requires_grad
+
+
 # -- command line ----------------------------------------------------------------------
 
 
@@ -313,7 +328,6 @@ def test_yaml_config_with_flags_winning(tmp_path):
         (["--dtype", "float16"], "dtype 'float16' is not one of"),
         (["--model", "random:gpt-5"], "unknown preset; known: random:smollm2-135m"),
         (["--max_tokens_per_micro_batch", "0"], "max_tokens_per_micro_batch 0"),
-        (["--lora", "--train_layers", "2"], "--lora and --train_layers are exclusive"),
     ],
 )
 def test_bad_options_fail_before_any_model_loads(argv, message, capsys, monkeypatch):

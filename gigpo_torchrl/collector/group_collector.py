@@ -425,7 +425,8 @@ class GroupCollector:
         ``actions`` for a policy that chooses among them)."""
         inputs = TensorDict({("text", "prompt"): NonTensorStack.from_list(prompts)}, [len(prompts)])
         if actions is not None:
-            inputs["admissible_actions"] = NonTensorStack.from_list(actions)
+            # tuples: from_list reads lists as nested stacks, and all-empty ones as no rows
+            inputs["admissible_actions"] = NonTensorStack.from_list([tuple(a) for a in actions])
         return self.policy(inputs)
 
     def _play(self, td, group_ids, traj_ids, raw, generate, step, count, lock=None):
@@ -462,7 +463,7 @@ class GroupCollector:
                 for i in active
             ]
             if getattr(self.policy, "constrain_actions", False):
-                replies = generate(prompts, [list(admissible[i]) for i in active])
+                replies = generate(prompts, [tuple(admissible[i]) for i in active])
             else:
                 replies = generate(prompts)
             generated_rows += len(active)

@@ -370,7 +370,7 @@ class PolicyReplica:
     def generate(self, prompts: list[str], actions: list | None = None) -> TensorDictBase:
         td = TensorDict({("text", "prompt"): NonTensorStack.from_list(prompts)}, [len(prompts)])
         if actions is not None:  # a policy that chooses among each prompt's actions
-            td["admissible_actions"] = NonTensorStack.from_list(actions)
+            td["admissible_actions"] = NonTensorStack.from_list([tuple(a) for a in actions])
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"
         ):

@@ -62,7 +62,10 @@ class TrainConfig:
     """Options of a training run.
 
     The defaults are the README's main job, sized for a 2-core CPU (about 15 minutes):
-    SmolLM2-135M-Instruct on FrozenLake, 2 maps × 4 attempts per iteration, no prompt
+    SmolLM2-135M-Instruct on ``lake-walk`` (3×3 hole-free FrozenLake walks whose start and
+    goal squares vary per task), 4 tasks × 4 attempts per iteration for 24 iterations, each
+    reply one of the four moves (``constrain_actions``), only the top 4 decoder layers
+    trained, no prompt
     memory (the lake is fully visible), no reference model. For real runs raise
     ``num_groups``, ``num_generations`` (the paper uses 8), ``iterations`` and ``memory``.
 
@@ -87,7 +90,7 @@ class TrainConfig:
     gigpo_step_advantage_weight: float = 1.0
     num_generations: int = 4
     beta: float = 0.0
-    max_turns: int | None = 8
+    max_turns: int | None = 6
     gamma: float = 0.95
     norm_adv: str = "std"
     compat: str | None = None
@@ -95,21 +98,21 @@ class TrainConfig:
     anchor: str = "state"
     similarity_threshold: float = 0.8
     # -- environment and model --
-    env: str = "frozenlake"
+    env: str = "lake-walk"
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     model: str = "smollm2-135m"
     backend: str = "transformers"
     memory: int = 0
     # -- rollouts --
-    num_groups: int = 2
+    num_groups: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 8
-    constrain_actions: bool = False
+    max_new_tokens: int = 4
+    constrain_actions: bool = True
     # -- optimisation --
-    learning_rate: float = 1e-5
+    learning_rate: float = 1e-4
     weight_decay: float = 0.0
-    iterations: int = 7
+    iterations: int = 24
     ppo_epochs: int = 1
     mini_batch_size: int = 64
     loss_agg_mode: str = "token_mean"
@@ -119,7 +122,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     lora: bool = False
     lora_rank: int = 8
-    train_layers: int | None = None
+    train_layers: int | None = 4
     # -- engine --
     device: str = "auto"
     dtype: str = "auto"
@@ -131,7 +134,7 @@ class TrainConfig:
     # -- validation, logging, checkpoints --
     val_every: int = 4
     val_at_start: bool = True
-    val_groups: int = 4
+    val_groups: int = 32
     val_temperature: float = 0.4
     save_every: int = 4
     logger: str = "csv"
@@ -245,8 +248,6 @@ class TrainConfig:
         number("num_threads", 1, integer=True, allow_none=True)
         self._check_ray()
         number("train_layers", 1, integer=True, allow_none=True)
-        if self.lora and self.train_layers is not None:
-            raise ValueError("--lora and --train_layers are exclusive: choose one")
         choice("loss_agg_mode", LOSS_AGG_MODES)
         choice("dtype", DTYPES)
         if self.model.startswith("random:"):

@@ -74,8 +74,9 @@ def default_num_threads() -> int:
     return max(1, min(cores, round(cores - os.getloadavg()[0])))
 
 
-def train_top_layers(model: torch.nn.Module, count: int) -> None:
-    """Freeze everything but the top ``count`` decoder layers and the final norm.
+def train_top_layers(model: torch.nn.Module, count: int) -> list[int]:
+    """Freeze everything but the top ``count`` decoder layers (all of them when the model
+    has fewer) and the final norm; return the indices of the trained layers.
 
     Backward then stops at the lowest trained layer: on a CPU most of an update's time.
     """
@@ -83,14 +84,25 @@ def train_top_layers(model: torch.nn.Module, count: int) -> None:
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no decoder layers to choose from")
-    if count > len(layers):
-        raise ValueError(f"--train_layers {count}: the model has {len(layers)} layers")
+    top = list(range(max(0, len(layers) - count), len(layers)))
     model.requires_grad_(False)
-    for layer in layers[len(layers) - count :]:
+    for layer in layers[top[0] :]:
         layer.requires_grad_(True)
     norm = getattr(decoder, "norm", None)
     if norm is not None:
         norm.requires_grad_(True)
+    return top
+
+
+def top_linear_modules(model: torch.nn.Module, layers: list[int]) -> list[str]:
+    """Names of the linear modules inside the given decoder layers: with ``--lora
+    --train_layers K`` the adapters go there only, so that backward stops at layer K."""
+    decoder = model.get_decoder()
+    inside = tuple(decoder.layers[i] for i in layers)
+    names = {id(m): n for n, m in model.named_modules()}
+    return [
+        names[id(m)] for layer in inside for m in layer.modules() if isinstance(m, torch.nn.Linear)
+    ]
 
 
 class Trainer:
@@ -138,8 +150,7 @@ class Trainer:
         self.reference = None
         if config.beta > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        if config.train_layers is not None:
-            train_top_layers(model, config.train_layers)
+        top = None if config.train_layers is None else train_top_layers(model, config.train_layers)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -150,7 +161,7 @@ class Trainer:
             lora = LoraConfig(
                 r=config.lora_rank,
                 lora_alpha=2 * config.lora_rank,
-                target_modules="all-linear",
+                target_modules="all-linear" if top is None else top_linear_modules(model, top),
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, lora)
