@@ -43,6 +43,7 @@ import argparse
 import csv
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -241,9 +242,15 @@ def run_all(jobs: Sequence[tuple], workers: int, log: Callable[[str], None]) -> 
 def _describe(job: tuple, records: list[dict], seconds: float) -> str:
     _, setup, setting, seed, _ = job
     last = records[-1]
+    validation = ""
+    if last.get("val_success_rate", "") != "":  # the llm path: held-out validation
+        validation = (
+            f", validation {last['val_success_before']:.2f} -> {last['val_success_rate']:.2f}"
+        )
     return (
         f"{setup.label:>18} {setting.name:>10} seed {seed}: {len(records)} iterations, "
-        f"{last['env_steps']} env steps, last success {last['success_rate']:.2f} ({seconds:.0f} s)"
+        f"{last['env_steps']} env steps, last success {last['success_rate']:.2f}{validation} "
+        f"({seconds:.0f} s)"
     )
 
 
@@ -462,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.path == "llm":
         envs, columns = LLM_ENVS, columns + LLM_COLUMNS
         options = dict(LLM_TINY) if args.tiny else {}
+        # parallel runs share the cores: torch's default would oversubscribe them
+        options["num_threads"] = max(1, (os.cpu_count() or 1) // args.workers)
     if args.env_steps is not None:
         envs = {k: EnvSetup(**{**vars(v), "env_steps": args.env_steps}) for k, v in envs.items()}
 

@@ -89,6 +89,22 @@ def test_frozenlake_with_random_start_and_goal():
         make_env("frozenlake", batch_size=1, start_goal="middle")
 
 
+def test_lake_walk_is_a_hole_free_3x3_walk_with_many_tasks():
+    env = make_env("lake-walk", batch_size=40)
+    td = reset(env, *range(40))
+    tasks = set()
+    for i in range(40):
+        grid = grid_of(td["observation"][i])
+        assert len(grid) == 3 and all(len(row) == 3 for row in grid)
+        assert not any("H" in row for row in grid)
+        # the shortest walk is the Manhattan distance: no detours without holes
+        cells = {v: (r, c) for r, row in enumerate(grid) for c, v in enumerate(row)}
+        (r, c), (gr, gc) = cells["P"], cells["G"]
+        assert len(shortest_path(grid)) == abs(r - gr) + abs(c - gc) <= 4
+        tasks.add(((r, c), (gr, gc)))
+    assert len(tasks) > 25  # 72 possible (start, goal) pairs
+
+
 def test_frozenlake_says_where_the_goal_is_in_words():
     env = make_env("frozenlake", batch_size=2, size=3, start_goal="random", frozen_prob=0.7)
     td = reset(env, 4, 7)
