@@ -463,7 +463,7 @@ class GroupCollector:
                 for i in active
             ]
             if getattr(self.policy, "constrain_actions", False):
-                replies = generate(prompts, [tuple(admissible[i]) for i in active])
+                replies = generate(prompts, [list(admissible[i]) for i in active])
             else:
                 replies = generate(prompts)
             generated_rows += len(active)

@@ -65,9 +65,9 @@ class TrainConfig:
     SmolLM2-135M-Instruct on ``lake-walk`` (3×3 hole-free FrozenLake walks whose start and
     goal squares vary per task), 4 tasks × 4 attempts per iteration for 24 iterations, each
     reply one of the four moves (``constrain_actions``), only the top 4 decoder layers
-    trained, no prompt
-    memory (the lake is fully visible), no reference model. For real runs raise
-    ``num_groups``, ``num_generations`` (the paper uses 8), ``iterations`` and ``memory``.
+    trained, no prompt memory (the lake is fully visible), no reference model. For real runs
+    raise ``num_groups``, ``num_generations`` (the paper uses 8), ``iterations`` and
+    ``memory``.
 
     ms-swift names: ``advantage_estimator``, ``use_gym_env``, ``gigpo_step_advantage_weight``,
     ``num_generations``, ``beta`` (KL coefficient to the reference model; 0 skips the
