@@ -78,12 +78,14 @@ EXTRA_COLUMNS = [
 
 @dataclass(frozen=True)
 class Setting:
-    """One advantage estimator configuration (``step_advantage_weight`` 0: no step term)."""
+    """One advantage estimator configuration (``step_advantage_weight`` 0: no step term;
+    ``anchor``: ``GIGPOAdvantage``'s anchor mode, which compare_textworld varies)."""
 
     name: str
     estimator: str
     norm: str
     step_advantage_weight: float
+    anchor: str = "state"
 
 
 SETTINGS = [

@@ -39,7 +39,6 @@ import csv
 import sys
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,23 +64,10 @@ MAX_COMMANDS = 64
 STOP = {"a", "an", "the", "from", "on", "into", "in", "with", "to", "of", "at"}
 
 
-@dataclass(frozen=True)
-class Setting:
-    """An advantage setting (``anchor``: ``GIGPOAdvantage``'s anchor mode)."""
-
-    name: str
-    estimator: str
-    norm: str
-    step_advantage_weight: float
-    anchor: str = "state"
-
-
+Setting = compare.Setting
+# compare_estimators' settings, and GIGPO with two other anchor modes
 SETTINGS = [
-    Setting("grpo", "grpo", "std", 0.0),
-    Setting("rloo", "rloo", "none", 0.0),
-    Setting("gigpo", "gigpo", "std", 1.0),
-    Setting("gigpo-none", "gigpo", "none", 1.0),
-    Setting("gigpo-w0.5", "gigpo", "std", 0.5),
+    *compare.SETTINGS,
     Setting("gigpo-history1", "gigpo", "std", 1.0, "history:1"),
     Setting("gigpo-similar", "gigpo", "std", 1.0, "similar"),
 ]
