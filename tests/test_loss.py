@@ -120,27 +120,26 @@ def gradient(model, fn):
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
-@pytest.mark.parametrize("beta", [0.0, 0.2])
-def test_gradient_does_not_depend_on_the_micro_batch_split(tiny, device, mode, beta):
+@pytest.mark.parametrize(("beta", "entropy_coeff"), [(0.0, 0.0), (0.2, 0.0), (0.0, 0.05)])
+def test_gradient_does_not_depend_on_the_micro_batch_split(tiny, device, mode, beta, entropy_coeff):
     tokenizer, model = tiny
     model = model.to(device)
     td = batch(tokenizer, model.cpu(), shift=0.1, reference_shift=-0.2 if beta else None)
     model = model.to(device)
-    whole = GIGPOLoss(model, beta=beta, loss_agg_mode=mode)
+    terms = dict(beta=beta, entropy_coeff=entropy_coeff, loss_agg_mode=mode)
+    whole = GIGPOLoss(model, **terms)
 
     def one_pass():
         out = whole(td)
-        (out["loss_objective"] + out["loss_kl_to_ref"]).backward()
+        (out["loss_objective"] + out["loss_kl_to_ref"] + out["loss_entropy"]).backward()
 
     expected = gradient(model, one_pass)
     assert float(expected.abs().max()) > 0
     for rows in (1, 3, 4):
-        split = GIGPOLoss(model, beta=beta, loss_agg_mode=mode, micro_batch_size=rows)
+        split = GIGPOLoss(model, micro_batch_size=rows, **terms)
         got = gradient(model, lambda split=split: split.backward(td))
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
-    by_tokens = GIGPOLoss(
-        model, beta=beta, loss_agg_mode=mode, max_tokens_per_micro_batch=30, max_sequence_tokens=30
-    )
+    by_tokens = GIGPOLoss(model, max_tokens_per_micro_batch=30, max_sequence_tokens=30, **terms)
     assert len(by_tokens.micro_batches(td)) > 1
     torch.testing.assert_close(
         gradient(model, lambda: by_tokens.backward(td)), expected, atol=1e-6, rtol=1e-4
@@ -176,6 +175,41 @@ def test_value_estimator_and_errors(tiny):
         GIGPOLoss(model, loss_agg_mode="mean")
     with pytest.raises(ValueError, match="max_tokens=0"):
         GIGPOLoss(model, max_tokens_per_micro_batch=0)
+
+
+def test_entropy_bonus_is_minus_the_coefficient_times_the_aggregated_entropy(tiny):
+    tokenizer, model = tiny
+    td = batch(tokenizer, model)
+    entropies = []  # per reply token, from a plain forward pass of each whole row
+    for row in td.tensordicts:
+        prompt, reply = row.get(("tokens", "prompt")), row.get(("tokens", "response"))
+        with torch.no_grad():
+            logits = model(torch.cat([prompt, reply])[None]).logits[0, len(prompt) - 1 : -1]
+        p = logits.double().softmax(-1)
+        entropies.append(-(p * p.log()).sum(-1))
+    n = lengths().double()
+    per_row = torch.stack([e.mean() for e in entropies])
+    every_token = torch.cat(entropies)
+    for mode, aggregate in (
+        ("token_mean", every_token.mean()),
+        ("seq_mean_token_mean", per_row.mean()),
+        ("seq_mean_token_sum", (per_row * n).sum() / len(n)),
+    ):
+        out = GIGPOLoss(model, entropy_coeff=0.05, loss_agg_mode=mode)(td)
+        expected = -0.05 * float(aggregate)
+        assert float(out["loss_entropy"].detach()) == pytest.approx(expected, rel=1e-4)
+    assert float(out["entropy"]) == pytest.approx(float(every_token.mean()), rel=1e-4)
+    # the bonus raises the entropy: one gradient step on it alone increases it
+    copy = make_tiny_model(tokenizer, seed=0)
+    copy.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(copy.parameters(), lr=0.5)
+    before = float(GIGPOLoss(copy)(td)["entropy"])
+    GIGPOLoss(copy, entropy_coeff=1.0)(td)["loss_entropy"].backward()
+    optimizer.step()
+    assert float(GIGPOLoss(copy)(td)["entropy"]) > before
+    assert float(GIGPOLoss(model)(td)["loss_entropy"]) == 0.0
+    with pytest.raises(ValueError, match="entropy_coeff=-0.1"):
+        GIGPOLoss(model, entropy_coeff=-0.1)
 
 
 def test_constrained_replies_are_trained_on_the_distribution_they_were_sampled_from(tiny):

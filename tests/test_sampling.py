@@ -145,3 +145,29 @@ def test_choices_restrict_replies_to_a_renormalised_distribution(tiny):
     assert replies[1].tolist() == up and float(log_probs[1].abs().sum()) == 0  # forced
     # "down" and "push" differ at their first letter: the last one chose there, then forced
     assert float(log_probs[4][0]) < 0 and float(log_probs[4][1:].abs().sum()) == 0
+
+
+def test_a_reply_only_one_choice_continues_is_completed_without_a_forward_pass(tiny):
+    tokenizer, model = tiny
+    eos = tokenizer.eos_token_id
+    words = ("up", "down", "push the box")  # first tokens differ: one sampled token decides
+    options = [tokenizer.encode(w) + [eos] for w in words]
+    assert len({o[0] for o in options}) == 3 and len(options[2]) > 3
+    batch = prompts(tokenizer)
+    calls = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    try:
+        torch.manual_seed(5)
+        settings = SamplingSettings(max_new_tokens=16, temperature=2.0, eos_ids=(eos,))
+        replies, log_probs, allowed = sample_replies(
+            model, batch, settings, pad_id=tokenizer.pad_token_id, choices=[options] * len(batch)
+        )
+    finally:
+        hook.remove()
+    # the prompts' forward passes only (a shared prefix, then the remainders): no decoding
+    assert all(shape[1] > 1 for shape in calls) and len(calls) <= 2
+    for reply, lp, ids in zip(replies, log_probs, allowed, strict=True):
+        assert reply.tolist() in options
+        assert float(lp[0]) < 0 and float(lp[1:].abs().sum()) == 0  # the rest was forced
+        assert [row[row >= 0].tolist() for row in ids[1:]] == [[t] for t in reply[1:].tolist()]
+    assert {r.tolist()[0] for r in replies} != {options[0][0]}  # a sample, not a constant

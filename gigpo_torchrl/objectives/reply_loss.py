@@ -61,8 +61,11 @@ class GIGPOLoss(LossModule):
     special tokens) may appear in a reply. Per token, with ``r = π/π_behaviour``:
     ``pg = −min(r·A, clip(r, 1−ε, 1+ε)·A)`` and ``kl = exp(ref − log π) − (ref − log π) − 1``
     (k3). Both are aggregated with ``loss_agg_mode`` (see :func:`token_weights`), the KL
-    term times ``beta``. Rows are scored with :mod:`~gigpo_torchrl.policy.packing` (a
-    shared prompt encoded once, the LM head at reply positions only).
+    term times ``beta``; with ``entropy_coeff > 0`` the same aggregate of the per-token
+    entropy, times ``entropy_coeff``, is subtracted (an exploration bonus, as torchrl's
+    ``ClipPPOLoss(entropy_coeff=...)``). Rows are scored with
+    :mod:`~gigpo_torchrl.policy.packing` (a shared prompt encoded once, the LM head at reply
+    positions only).
 
     :meth:`forward` scores all the rows it is given in one pass (the torchrl convention).
     :meth:`backward` runs a mini-batch in micro-batches of at most
@@ -70,7 +73,8 @@ class GIGPOLoss(LossModule):
     ``backward()`` on each with the weights of the whole mini-batch: its gradient is the
     gradient of ``forward``'s loss on the whole mini-batch, whatever the split.
 
-    Output keys (scalars): ``loss_objective``, ``loss_kl_to_ref`` (``beta``·KL), and the
+    Output keys (scalars): ``loss_objective``, ``loss_kl_to_ref`` (``beta``·KL),
+    ``loss_entropy`` (−``entropy_coeff``·entropy), and the
     token-mean diagnostics ``kl_to_ref``, ``kl_to_behaviour`` (k3 estimate of
     KL(π_behaviour‖π)), ``clip_fraction`` (share of tokens with ``|r − 1| > ε``),
     ``entropy`` (of the full next-token distribution), ``ratio``; :meth:`backward` adds
@@ -82,6 +86,7 @@ class GIGPOLoss(LossModule):
     Keyword Args:
         clip_epsilon: ε of the clipped ratio. Default 0.2.
         beta: KL-to-reference coefficient. Default 0 (no reference needed).
+        entropy_coeff: entropy bonus coefficient. Default 0.
         loss_agg_mode: ``"token_mean"`` (default), ``"seq_mean_token_mean"`` or
             ``"seq_mean_token_sum"``.
         max_tokens_per_micro_batch: padded-token budget of one micro-batch in
@@ -111,6 +116,7 @@ class GIGPOLoss(LossModule):
         *,
         clip_epsilon: float = 0.2,
         beta: float = 0.0,
+        entropy_coeff: float = 0.0,
         loss_agg_mode: str = "token_mean",
         max_tokens_per_micro_batch: int | None = 4096,
         micro_batch_size: int | None = None,
@@ -120,6 +126,8 @@ class GIGPOLoss(LossModule):
             raise ValueError(f"clip_epsilon={clip_epsilon!r} must be > 0")
         if not beta >= 0:
             raise ValueError(f"beta={beta!r} must be >= 0")
+        if not entropy_coeff >= 0:
+            raise ValueError(f"entropy_coeff={entropy_coeff!r} must be >= 0")
         if loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
         if micro_batch_size is not None:
@@ -136,6 +144,7 @@ class GIGPOLoss(LossModule):
         self.model = model
         self.clip_epsilon = clip_epsilon
         self.beta = beta
+        self.entropy_coeff = entropy_coeff
         self.loss_agg_mode = loss_agg_mode
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.micro_batch_size = micro_batch_size
@@ -152,6 +161,7 @@ class GIGPOLoss(LossModule):
         return [
             "loss_objective",
             "loss_kl_to_ref",
+            "loss_entropy",
             "kl_to_ref",
             "kl_to_behaviour",
             "clip_fraction",
@@ -220,7 +230,9 @@ class GIGPOLoss(LossModule):
             allowed=None if rows["allowed"] is None else [rows["allowed"][i] for i in index],
         )
         packed = packed.to(device)
-        log_probs, entropy = reply_log_probs(self.model, packed, entropy=True)
+        log_probs, entropy = reply_log_probs(
+            self.model, packed, entropy=True, entropy_grad=self.entropy_coeff > 0
+        )
 
         def flat(name):
             return torch.cat([rows[name][i].reshape(-1) for i in index]).to(device).float()
@@ -238,8 +250,9 @@ class GIGPOLoss(LossModule):
             "loss_objective": (weights * objective).sum(),
             "kl_to_behaviour": (ratio - 1 - log_ratio).detach().sum(),
             "clip_fraction": ((ratio - 1).abs() > self.clip_epsilon).float().sum(),
-            "entropy": entropy.sum(),
+            "entropy": entropy.detach().sum(),
             "ratio": ratio.detach().sum(),
+            "loss_entropy": -self.entropy_coeff * (weights * entropy).sum(),
         }
         if self.beta > 0:
             delta = flat("reference") - log_probs
@@ -274,7 +287,8 @@ class GIGPOLoss(LossModule):
         return self._output(terms, tokens)
 
     def _output(self, sums: dict, tokens: int) -> TensorDict:
-        out = {k: v for k, v in sums.items() if k in ("loss_objective", "loss_kl_to_ref")}
+        losses = ("loss_objective", "loss_kl_to_ref", "loss_entropy")
+        out = {k: v for k, v in sums.items() if k in losses}
         for k in ("kl_to_ref", "kl_to_behaviour", "clip_fraction", "entropy", "ratio"):
             out[k] = sums[k] / max(tokens, 1)
         return TensorDict(out, [])
@@ -310,7 +324,7 @@ class GIGPOLoss(LossModule):
         sums: dict = {}
         for index in plan:
             terms = self._terms(rows, index, tokens, count)
-            (terms["loss_objective"] + terms["loss_kl_to_ref"]).backward()
+            (terms["loss_objective"] + terms["loss_kl_to_ref"] + terms["loss_entropy"]).backward()
             for key, value in terms.items():
                 value = value.detach() if isinstance(value, Tensor) else value
                 sums[key] = sums.get(key, 0) + value

@@ -290,7 +290,11 @@ def plan_micro_batches(
 
 
 def reply_log_probs(
-    model: torch.nn.Module, packed: PackedBatch, *, entropy: bool = False
+    model: torch.nn.Module,
+    packed: PackedBatch,
+    *,
+    entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced log-prob of every reply token of ``packed``, under ``model``.
 
@@ -300,9 +304,9 @@ def reply_log_probs(
 
     Returns:
         ``(log_probs, entropy)``: float32 ``[T]`` on the model's device, differentiable when
-        grad is enabled; ``entropy`` (no grad) is the entropy of the next-token
-        distribution at each reply position (renormalised over the allowed set where
-        ``packed.allowed`` restricts it), or None unless asked for.
+        grad is enabled; ``entropy`` is the entropy of the next-token distribution at each
+        reply position (renormalised over the allowed set where ``packed.allowed``
+        restricts it), differentiable only with ``entropy_grad``, or None unless asked for.
     """
     config = model.config
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
@@ -336,7 +340,7 @@ def reply_log_probs(
     log_probs = log_softmax.gather(-1, packed.targets[:, None]).squeeze(-1)
     ent = None
     if entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             probs = log_softmax.exp()
             ent = -(probs * log_softmax.masked_fill(probs == 0, 0)).sum(-1)
     return log_probs, ent

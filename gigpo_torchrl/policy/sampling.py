@@ -185,8 +185,11 @@ def sample_replies(
         tokens[active, t] = token.cpu()
         log_probs[active, t] = log_prob.cpu()
         ended = torch.isin(token, eos)
+        lengths[active[ended.cpu()]] = t + 1
+        if choices:
+            forced = _complete_forced(choices, active, tokens, log_probs, lengths, steps_allowed, t)
+            ended |= forced.to(ended.device)
         if bool(ended.any()):
-            lengths[active[ended.cpu()]] = t + 1
             keep = torch.nonzero(~ended).squeeze(-1)
             if keep.numel() == 0:
                 break
@@ -209,6 +212,29 @@ def sample_replies(
         [log_probs[i, :n] for i, n in enumerate(lengths)],
         [_padded(steps_allowed[i][:n]) for i, n in enumerate(lengths)] if choices else None,
     )
+
+
+def _complete_forced(choices, active, tokens, log_probs, lengths, steps_allowed, t) -> Tensor:
+    """Finish, without a forward pass, every active reply that only one of its choices
+    still continues after token ``t``: each remaining token is the only one allowed, so it
+    has log-prob 0 under the renormalised distribution and needs no logits (with one-token
+    actions, every reply is then complete after the prompt's forward pass). Writes the
+    tokens, their log-probs, the reply length and the singleton allowed sets in place;
+    returns bool ``[len(active)]`` (on the CPU), the rows finished."""
+    limit = tokens.shape[1]
+    done = torch.zeros(len(active), dtype=torch.bool)
+    for k, i in enumerate(active.tolist()):
+        reply = tokens[i, : t + 1].tolist()
+        ways = [c for c in choices[i] if list(c[: t + 1]) == reply]
+        if len(ways) != 1 or len(ways[0]) <= t + 1:
+            continue
+        rest = list(ways[0][t + 1 : limit])
+        tokens[i, t + 1 : t + 1 + len(rest)] = torch.tensor(rest, dtype=torch.long)
+        log_probs[i, t + 1 : t + 1 + len(rest)] = 0.0
+        lengths[i] = t + 1 + len(rest)
+        steps_allowed[i].extend([token] for token in rest)
+        done[k] = True
+    return done
 
 
 def _padded(steps: list[list[int]]) -> Tensor:

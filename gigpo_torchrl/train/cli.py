@@ -22,6 +22,7 @@ HELP = {
     "gigpo_step_advantage_weight": "ω in A = A_E + ω·A_S (ms-swift name)",
     "num_generations": "trajectories per task, the group size N (ms-swift name)",
     "beta": "KL coefficient to the frozen reference model; 0 loads no reference (ms-swift)",
+    "entropy_coeff": "entropy bonus: minus this times the replies' token entropy joins the loss",
     "max_turns": "episode step limit; omit for the env's own (ms-swift name)",
     "gamma": "discount of the step return",
     "norm_adv": "std or none: divide advantages by the group std or not",

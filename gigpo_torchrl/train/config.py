@@ -90,6 +90,7 @@ class TrainConfig:
     gigpo_step_advantage_weight: float = 1.0
     num_generations: int = 4
     beta: float = 0.0
+    entropy_coeff: float = 0.0
     max_turns: int | None = 6
     gamma: float = 0.95
     norm_adv: str = "std"
@@ -264,6 +265,7 @@ class TrainConfig:
         if self.seed >= 2**63:
             raise ValueError(f"--seed {self.seed} must be below 2**63")
         number("beta", 0)
+        number("entropy_coeff", 0)
         number("learning_rate", 0, strict=True)
         number("weight_decay", 0)
         number("clip_epsilon", 0, strict=True)

@@ -111,7 +111,8 @@ class Trainer:
     One iteration: the collector plays ``num_groups`` tasks × ``num_generations``
     trajectories; ``GIGPOAdvantage`` scores every step; :class:`GIGPOLoss` (clipped ratio
     over each step's own reply tokens, aggregated with ``loss_agg_mode``, plus ``beta`` × KL
-    to a frozen copy of the initial model when ``beta > 0``) is minimised with AdamW over
+    to a frozen copy of the initial model when ``beta > 0``, minus ``entropy_coeff`` × the
+    replies' entropy) is minimised with AdamW over
     ``ppo_epochs`` passes of ``mini_batch_size`` rows, accumulating gradients over
     micro-batches of ``max_tokens_per_micro_batch`` padded tokens (or ``micro_batch_size``
     rows) without changing the mini-batch's loss. Everything runs on ``device``; with
@@ -217,6 +218,7 @@ class Trainer:
             model,
             clip_epsilon=config.clip_epsilon,
             beta=config.beta,
+            entropy_coeff=config.entropy_coeff,
             loss_agg_mode=config.loss_agg_mode,
             max_tokens_per_micro_batch=config.max_tokens_per_micro_batch,
             micro_batch_size=config.micro_batch_size,
@@ -440,13 +442,13 @@ class Trainer:
                     [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
                 )
                 if float(norm) == 0:
-                    # all advantages 0 and no KL term: no signal. AdamW would still move the
+                    # all advantages 0, no KL or entropy term: no signal. AdamW would still move the
                     # weights along its momentum (and decay them): skip the step instead.
                     skipped += 1
                 else:
                     self.optimizer.step()
                 optimizer_steps += 1
-                out["loss"] = out["loss_objective"] + out["loss_kl_to_ref"]
+                out["loss"] = out["loss_objective"] + out["loss_kl_to_ref"] + out["loss_entropy"]
                 out["grad_norm"] = norm
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
