@@ -105,6 +105,26 @@ def test_lake_walk_is_a_hole_free_3x3_walk_with_many_tasks():
     assert len(tasks) > 25  # 72 possible (start, goal) pairs
 
 
+def test_lake_walk_progress_reward_scores_each_move_by_the_distance_it_gains():
+    plain = make_env("lake-walk", batch_size=1)
+    shaped = make_env("lake-walk", batch_size=1, progress_reward=0.5)
+    a, b = reset(plain, 3), reset(shaped, 3)
+    assert a["observation"][0] == b["observation"][0]  # the same task, the same text
+    assert a["observation"][0].endswith(
+        "row 1, column 2; the goal is at row 1, column 1: 1 column left."
+    )
+    # down (farther), right (farther), right (into the wall: no move), up, left, left (goal)
+    expected = [-0.5, -0.5, 0.0, 0.5, 0.5, 1.5]
+    moves = ["down", "right", "right", "up", "left", "left"]
+    for move, reward in zip(moves, expected, strict=True):
+        a, b = play(plain, a, move), play(shaped, b, move)
+        assert float(b["env_reward"]) == pytest.approx(reward)
+        assert float(a["env_reward"]) == (1.0 if reward == 1.5 else 0.0)
+        assert bool(b["success"]) == bool(a["success"]) == (reward == 1.5)
+        assert bool(b["terminated"]) == bool(a["terminated"])
+        assert int(b["state_hash"]) == int(a["state_hash"])
+
+
 def test_frozenlake_says_where_the_goal_is_in_words():
     env = make_env("frozenlake", batch_size=2, size=3, start_goal="random", frozen_prob=0.7)
     td = reset(env, 4, 7)
