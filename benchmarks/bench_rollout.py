@@ -54,19 +54,51 @@ class RecordingPolicy(LLMPolicy):
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         self.prompt_batches.append(list(tensordict.get(("text", "prompt")).tolist()))
         actions = tensordict.get("admissible_actions", None)
-        self.action_batches.append(None if actions is None else [list(a) for a in actions])
+        if actions is not None:
+            actions = [
+                list(a) for a in (actions.tolist() if hasattr(actions, "tolist") else actions)
+            ]
+        self.action_batches.append(actions)
         return super().forward(tensordict)
 
 
-def lock_step_generate(model, tokenizer, prompt_batches, generate_kwargs) -> tuple[int, float]:
-    """Generated tokens and seconds for the first wave's ``model.generate`` calls."""
+def allowed_tokens_fn(tokenizer, actions, width: int):
+    """``generate``'s ``prefix_allowed_tokens_fn`` restricting row i's reply to one of
+    ``actions[i]`` followed by eos (the policy's ``constrain_actions``)."""
+    eos = tokenizer.eos_token_id
+    choices = [
+        [tokenizer.encode(a, add_special_tokens=False) + [eos] for a in row] for row in actions
+    ]
+
+    def allowed(row: int, ids: torch.Tensor) -> list[int]:
+        reply = ids[width:].tolist()
+        ways = {
+            c[len(reply)] for c in choices[row] if len(c) > len(reply) and c[: len(reply)] == reply
+        }
+        return sorted(ways) or [eos, tokenizer.pad_token_id]  # finished rows are padded
+
+    return allowed
+
+
+def lock_step_generate(
+    model, tokenizer, prompt_batches, generate_kwargs, action_batches=None
+) -> tuple[int, float]:
+    """Generated tokens and seconds for the first wave's ``model.generate`` calls (with
+    ``action_batches``, each reply restricted to an admissible action as the policy's)."""
     tokens, start = 0, time.perf_counter()
-    for prompts in prompt_batches:
+    for b, prompts in enumerate(prompt_batches):
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        constrain = {}
+        if action_batches is not None and action_batches[b] is not None:
+            width = enc["input_ids"].shape[1]
+            constrain["prefix_allowed_tokens_fn"] = allowed_tokens_fn(
+                tokenizer, action_batches[b], width
+            )
         with torch.no_grad():
             out = model.generate(
                 **enc,
                 **generate_kwargs,
+                **constrain,
                 pad_token_id=tokenizer.pad_token_id,
                 output_logits=True,
                 return_dict_in_generate=True,
@@ -261,8 +293,8 @@ def main() -> None:
     parser.add_argument(
         "--constrain-actions",
         action="store_true",
-        help="the policy replies with one of the admissible actions, as the main job's does "
-        "(lock-step generate, which has no such option, still replies freely)",
+        help="replies are one of the admissible actions, as the main job's (lock-step "
+        "generate through prefix_allowed_tokens_fn)",
     )
     parser.add_argument(
         "--cb-batch-tokens",
@@ -309,7 +341,11 @@ def main() -> None:
 
     torch.manual_seed(0)
     old_tokens, old_s = lock_step_generate(
-        model, tokenizer, policy.prompt_batches, policy.generate_kwargs
+        model,
+        tokenizer,
+        policy.prompt_batches,
+        policy.generate_kwargs,
+        policy.action_batches if args.constrain_actions else None,
     )
     torch.manual_seed(0)
     new_tokens, new_s, reply_lengths = cached_sampling(

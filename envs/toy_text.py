@@ -68,7 +68,7 @@ def _lake_game(make) -> GymTextGame:
 
 
 @register_env("lake-walk", max_steps=20)
-def lake_walk(size: int = 3, progress_reward: float = 0.0) -> GymTextGame:
+def lake_walk(size: int = 3, progress_reward: float = 0.5) -> GymTextGame:
     """FrozenLake without holes: walk from a random square to a random goal square.
 
     ``frozenlake(size, frozen_prob=1, start_goal="random")``, 3×3 by default: 72 tasks (a
@@ -79,7 +79,9 @@ def lake_walk(size: int = 3, progress_reward: float = 0.0) -> GymTextGame:
     ``progress_reward`` adds ``progress_reward × (d − d')`` to each step's reward, d and d'
     the grid distances to the goal before and after the move: a potential-based shaping
     (Ng et al., 1999), so it changes no policy's ranking of whole walks that reach the goal,
-    while every single move is scored at once. Success is still reaching the goal.
+    while every single move is scored at once. Success is still reaching the goal. The
+    main job's default, 0.5: without it, its 24 iterations learned which move to prefer but
+    not to read the way (see the README).
     """
     if not progress_reward:
         return frozenlake(size=size, frozen_prob=1.0, start_goal="random")

@@ -106,8 +106,8 @@ def test_lake_walk_is_a_hole_free_3x3_walk_with_many_tasks():
 
 
 def test_lake_walk_progress_reward_scores_each_move_by_the_distance_it_gains():
-    plain = make_env("lake-walk", batch_size=1)
-    shaped = make_env("lake-walk", batch_size=1, progress_reward=0.5)
+    plain = make_env("lake-walk", batch_size=1, progress_reward=0)
+    shaped = make_env("lake-walk", batch_size=1)  # progress_reward=0.5 by default
     a, b = reset(plain, 3), reset(shaped, 3)
     assert a["observation"][0] == b["observation"][0]  # the same task, the same text
     assert a["observation"][0].endswith(

@@ -24,7 +24,7 @@ HELP = {
     "beta": "KL coefficient to the frozen reference model; 0 loads no reference (ms-swift)",
     "entropy_coeff": "entropy bonus: minus this times the replies' token entropy joins the loss",
     "max_turns": "episode step limit; omit for the env's own (ms-swift name)",
-    "gamma": "discount of the step return",
+    "gamma": "discount of the step return (0.5, the main job's; the paper uses 0.95)",
     "norm_adv": "std or none: divide advantages by the group std or not",
     "compat": "none or verl-agent: compute advantages exactly as the authors' reference",
     "invalid_action_penalty": "subtracted from an invalid action's reward (with --compat "

@@ -63,11 +63,13 @@ class TrainConfig:
 
     The defaults are the README's main job, sized for a 2-core CPU (about 15 minutes):
     SmolLM2-135M-Instruct on ``lake-walk`` (3×3 hole-free FrozenLake walks whose start and
-    goal squares vary per task), 4 tasks × 4 attempts per iteration for 24 iterations, each
-    reply one of the four moves (``constrain_actions``), only the top 4 decoder layers
-    trained, no prompt memory (the lake is fully visible), no reference model. For real runs
-    raise ``num_groups``, ``num_generations`` (the paper uses 8), ``iterations`` and
-    ``memory``.
+    goal squares vary per task, each move rewarded by the distance it gains), 4 tasks × 4
+    attempts per iteration for 24 iterations, each reply one of the four moves
+    (``constrain_actions``), a short discount (``gamma=0.5``: a step's return is mostly its
+    own move's reward), mini-batches of 32 rows, only the top 4 decoder layers trained, no
+    prompt memory (the lake is fully visible), no reference model. For real runs raise
+    ``num_groups``, ``num_generations`` (the paper uses 8), ``iterations``, ``memory`` and,
+    for long episodes with a reward at the end, ``gamma`` (the paper uses 0.95).
 
     ms-swift names: ``advantage_estimator``, ``use_gym_env``, ``gigpo_step_advantage_weight``,
     ``num_generations``, ``beta`` (KL coefficient to the reference model; 0 skips the
@@ -92,7 +94,7 @@ class TrainConfig:
     beta: float = 0.0
     entropy_coeff: float = 0.0
     max_turns: int | None = 6
-    gamma: float = 0.95
+    gamma: float = 0.5
     norm_adv: str = "std"
     compat: str | None = None
     invalid_action_penalty: float = 0.1
@@ -115,7 +117,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     iterations: int = 24
     ppo_epochs: int = 1
-    mini_batch_size: int = 64
+    mini_batch_size: int = 32
     loss_agg_mode: str = "token_mean"
     max_tokens_per_micro_batch: int | None = 4096
     micro_batch_size: int | None = None
