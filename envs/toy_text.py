@@ -83,13 +83,11 @@ def lake_walk(size: int = 3, progress_reward: float = 0.5) -> GymTextGame:
     main job's default, 0.5: without it, its 24 iterations learned which move to prefer but
     not to read the way (see the README).
     """
-    if not progress_reward:
-        return frozenlake(size=size, frozen_prob=1.0, start_goal="random")
 
     def make(seed: int) -> gym.Env:
         desc = random_start_goal_map(size=size, p=1.0, seed=seed)
         lake = gym.make("FrozenLake-v1", desc=desc, is_slippery=False)
-        return ProgressReward(lake, progress_reward)
+        return ProgressReward(lake, progress_reward) if progress_reward else lake
 
     return _lake_game(make)
 
