@@ -61,7 +61,8 @@ RESUMABLE = frozenset(
 class TrainConfig:
     """Options of a training run.
 
-    The defaults are the README's main job, sized for a 2-core CPU (about 15 minutes):
+    The defaults are the README's main job, sized for a 2-core CPU (about 8 minutes with 2
+    threads, 15 with 1):
     SmolLM2-135M-Instruct on ``lake-walk`` (3×3 hole-free FrozenLake walks whose start and
     goal squares vary per task, each move rewarded by the distance it gains), 4 tasks × 4
     attempts per iteration for 24 iterations, each reply one of the four moves
