@@ -45,7 +45,8 @@ from tensordict import TensorDictBase
 
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, load_model
-from gigpo_torchrl.policy.sampling import MIN_SHARED_PREFIX, _common_prefix
+from gigpo_torchrl.policy.actor import action_choices, read_actions
+from gigpo_torchrl.policy.sampling import MIN_SHARED_PREFIX, _common_prefix, continuing
 
 
 class RecordingPolicy(LLMPolicy):
@@ -53,29 +54,20 @@ class RecordingPolicy(LLMPolicy):
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         self.prompt_batches.append(list(tensordict.get(("text", "prompt")).tolist()))
-        actions = tensordict.get("admissible_actions", None)
-        if actions is not None:
-            actions = [
-                list(a) for a in (actions.tolist() if hasattr(actions, "tolist") else actions)
-            ]
-        self.action_batches.append(actions)
+        self.action_batches.append(read_actions(tensordict))
         return super().forward(tensordict)
 
 
 def allowed_tokens_fn(tokenizer, actions, width: int):
     """``generate``'s ``prefix_allowed_tokens_fn`` restricting row i's reply to one of
     ``actions[i]`` followed by eos (the policy's ``constrain_actions``)."""
-    eos = tokenizer.eos_token_id
-    choices = [
-        [tokenizer.encode(a, add_special_tokens=False) + [eos] for a in row] for row in actions
-    ]
+    choices = action_choices(tokenizer, actions)
 
     def allowed(row: int, ids: torch.Tensor) -> list[int]:
         reply = ids[width:].tolist()
-        ways = {
-            c[len(reply)] for c in choices[row] if len(c) > len(reply) and c[: len(reply)] == reply
-        }
-        return sorted(ways) or [eos, tokenizer.pad_token_id]  # finished rows are padded
+        ways = {c[len(reply)] for c in continuing(choices[row], reply)}
+        # finished rows are padded
+        return sorted(ways) or [tokenizer.eos_token_id, tokenizer.pad_token_id]
 
     return allowed
 

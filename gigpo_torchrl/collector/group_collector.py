@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from gigpo_torchrl.envs import TextEnv, make_env
 from gigpo_torchrl.envs.seeding import check_seed
 from gigpo_torchrl.functional import anchor_groups, dense_ids
+from gigpo_torchrl.policy.actor import policy_inputs
 from gigpo_torchrl.policy.parsing import parse_action
 from gigpo_torchrl.policy.prompts import PromptBuilder
 
@@ -423,11 +424,7 @@ class GroupCollector:
     def _generate_here(self, prompts: list[str], actions: list | None = None) -> TensorDictBase:
         """Replies of the in-process policy to ``prompts`` (with each prompt's admissible
         ``actions`` for a policy that chooses among them)."""
-        inputs = TensorDict({("text", "prompt"): NonTensorStack.from_list(prompts)}, [len(prompts)])
-        if actions is not None:
-            # tuples: from_list reads lists as nested stacks, and all-empty ones as no rows
-            inputs["admissible_actions"] = NonTensorStack.from_list([tuple(a) for a in actions])
-        return self.policy(inputs)
+        return self.policy(policy_inputs(prompts, actions))
 
     def _play(self, td, group_ids, traj_ids, raw, generate, step, count, lock=None):
         """Play the episodes of ``td`` (all envs, or one lane's) to their ends.

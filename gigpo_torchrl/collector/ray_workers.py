@@ -38,6 +38,7 @@ from torchrl.envs import EnvBase
 
 from gigpo_torchrl.envs.seeding import check_batch_size, check_seed, check_seeds
 from gigpo_torchrl.envs.text_env import TextEnv
+from gigpo_torchrl.policy.actor import policy_inputs
 
 #: keys of a TextEnv output that hold one Python object per element (strings, tuples)
 TEXT_KEYS = ("observation", "task", "admissible_actions", "error")
@@ -368,13 +369,10 @@ class PolicyReplica:
         torch.manual_seed(seed)
 
     def generate(self, prompts: list[str], actions: list | None = None) -> TensorDictBase:
-        td = TensorDict({("text", "prompt"): NonTensorStack.from_list(prompts)}, [len(prompts)])
-        if actions is not None:  # a policy that chooses among each prompt's actions
-            td["admissible_actions"] = NonTensorStack.from_list([tuple(a) for a in actions])
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"
         ):
-            return self.policy(td)
+            return self.policy(policy_inputs(prompts, actions))
 
     def update_weights(self, weights: dict, version: int) -> int:
         """Load ``weights`` (a full state dict or a subset of its entries) into the model."""

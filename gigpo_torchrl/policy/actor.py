@@ -5,11 +5,36 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from tensordict import TensorDict, TensorDictBase, lazy_stack
+from tensordict import NonTensorStack, TensorDict, TensorDictBase, lazy_stack
 from tensordict.nn import TensorDictModuleBase
 from torchrl.modules.llm import TransformersWrapper
 
 from gigpo_torchrl.policy.sampling import Replies, SamplingSettings, sample_replies
+
+
+def policy_inputs(prompts: list[str], actions: list | None = None) -> TensorDict:
+    """The ``[len(prompts)]`` batch an :class:`LLMPolicy` answers: ``("text", "prompt")``
+    and, for a policy that chooses among them, each prompt's ``admissible_actions``."""
+    inputs = TensorDict({("text", "prompt"): NonTensorStack.from_list(prompts)}, [len(prompts)])
+    if actions is not None:
+        # tuples: from_list reads lists as nested stacks, and all-empty ones as no rows
+        inputs["admissible_actions"] = NonTensorStack.from_list([tuple(a) for a in actions])
+    return inputs
+
+
+def read_actions(tensordict: TensorDictBase) -> list[list[str]] | None:
+    """Each row's ``admissible_actions`` as a list of strings (None when the key is absent)."""
+    actions = tensordict.get("admissible_actions", None)
+    if actions is None:
+        return None
+    return [list(a) for a in (actions.tolist() if hasattr(actions, "tolist") else actions)]
+
+
+def action_choices(tokenizer, actions: list[list[str]]) -> list[list[list[int]]]:
+    """Per row, the token sequences of its actions, each followed by eos: the ``choices``
+    of :func:`~gigpo_torchrl.policy.sampling.sample_replies`."""
+    eos = tokenizer.eos_token_id
+    return [[tokenizer.encode(a, add_special_tokens=False) + [eos] for a in row] for row in actions]
 
 
 def scoring_wrapper(model, tokenizer) -> TransformersWrapper:
@@ -193,11 +218,7 @@ class LLMPolicy(TensorDictModuleBase):
         """
         choices = None
         if self.constrain_actions and actions is not None:
-            eos = self.tokenizer.eos_token_id
-            choices = [
-                [self.tokenizer.encode(a, add_special_tokens=False) + [eos] for a in row]
-                for row in actions
-            ]
+            choices = action_choices(self.tokenizer, actions)
         return sample_replies(
             self.model,
             prompt_tokens,
@@ -213,11 +234,7 @@ class LLMPolicy(TensorDictModuleBase):
         if isinstance(prompts, str):
             prompts = [prompts]
         prompt_tokens = self.encode(prompts)
-        actions = tensordict.get("admissible_actions", None)
-        if actions is not None:
-            actions = [
-                list(a) for a in (actions.tolist() if hasattr(actions, "tolist") else actions)
-            ]
+        actions = read_actions(tensordict)
         if self.sampler is None:
             responses, response_log_probs, allowed = self.generate(prompt_tokens, actions)
             # Prompt positions are no reply tokens: NaN keeps them out of any ratio, as

@@ -67,13 +67,14 @@ def _allowed(choices, rows: list[int], prefixes: Tensor) -> list[list[int] | Non
     allowed = []
     for i in rows:
         done = prefixes[i].tolist()
-        nexts = {
-            seq[len(done)]
-            for seq in choices[i]
-            if len(seq) > len(done) and list(seq[: len(done)]) == done
-        }
+        nexts = {seq[len(done)] for seq in continuing(choices[i], done)}
         allowed.append(sorted(nexts) or None)
     return allowed
+
+
+def continuing(choices: Sequence[Sequence[int]], reply: list[int]) -> list[Sequence[int]]:
+    """The choices that start with ``reply`` and go on past it."""
+    return [c for c in choices if len(c) > len(reply) and list(c[: len(reply)]) == reply]
 
 
 def _cache_keyword(model: torch.nn.Module) -> str:
@@ -224,9 +225,8 @@ def _complete_forced(choices, active, tokens, log_probs, lengths, steps_allowed,
     limit = tokens.shape[1]
     done = torch.zeros(len(active), dtype=torch.bool)
     for k, i in enumerate(active.tolist()):
-        reply = tokens[i, : t + 1].tolist()
-        ways = [c for c in choices[i] if list(c[: t + 1]) == reply]
-        if len(ways) != 1 or len(ways[0]) <= t + 1:
+        ways = continuing(choices[i], tokens[i, : t + 1].tolist())
+        if len(ways) != 1:
             continue
         rest = list(ways[0][t + 1 : limit])
         tokens[i, t + 1 : t + 1 + len(rest)] = torch.tensor(rest, dtype=torch.long)

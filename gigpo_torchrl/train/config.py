@@ -62,13 +62,12 @@ class TrainConfig:
     """Options of a training run.
 
     The defaults are the README's main job, sized for a 2-core CPU (about 8 minutes with 2
-    threads, 15 with 1):
-    SmolLM2-135M-Instruct on ``lake-walk`` (3×3 hole-free FrozenLake walks whose start and
-    goal squares vary per task, each move rewarded by the distance it gains), 4 tasks × 4
-    attempts per iteration for 24 iterations, each reply one of the four moves
-    (``constrain_actions``), a short discount (``gamma=0.5``: a step's return is mostly its
-    own move's reward), mini-batches of 32 rows, only the top 4 decoder layers trained, no
-    prompt memory (the lake is fully visible), no reference model. For real runs raise
+    threads, 15 with 1): SmolLM2-135M-Instruct on ``lake-walk`` (3×3 hole-free FrozenLake
+    walks whose start and goal squares vary per task, each move rewarded by the distance it
+    gains), 4 tasks × 4 attempts per iteration for 24 iterations, each reply one of the four
+    moves (``constrain_actions``), a short discount (``gamma=0.5``: a step's return is
+    mostly its own move's reward), mini-batches of 32 rows, only the top 4 decoder layers
+    trained, no prompt memory (the lake is fully visible), no reference model. For real runs raise
     ``num_groups``, ``num_generations`` (the paper uses 8), ``iterations``, ``memory`` and,
     for long episodes with a reward at the end, ``gamma`` (the paper uses 0.95).
 

@@ -112,10 +112,10 @@ class Trainer:
     trajectories; ``GIGPOAdvantage`` scores every step; :class:`GIGPOLoss` (clipped ratio
     over each step's own reply tokens, aggregated with ``loss_agg_mode``, plus ``beta`` × KL
     to a frozen copy of the initial model when ``beta > 0``, minus ``entropy_coeff`` × the
-    replies' entropy) is minimised with AdamW over
-    ``ppo_epochs`` passes of ``mini_batch_size`` rows, accumulating gradients over
-    micro-batches of ``max_tokens_per_micro_batch`` padded tokens (or ``micro_batch_size``
-    rows) without changing the mini-batch's loss. Everything runs on ``device``; with
+    replies' entropy) is minimised with AdamW over ``ppo_epochs`` passes of
+    ``mini_batch_size`` rows, accumulating gradients over micro-batches of
+    ``max_tokens_per_micro_batch`` padded tokens (or ``micro_batch_size`` rows) without
+    changing the mini-batch's loss. Everything runs on ``device``; with
     ``dtype="bfloat16"`` generation, scoring and the update run under bfloat16 autocast
     while weights and optimizer state stay float32.
 
