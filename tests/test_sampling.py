@@ -13,17 +13,25 @@ def tiny():
     return tokenizer, make_tiny_model(tokenizer, seed=0)
 
 
+@pytest.fixture(params=[False, True], ids=["dynamic-cache", "static-cache"])
+def static_cache(request) -> bool:
+    """Both decoders: a growing cache, and the static one (a CUDA graph on a GPU)."""
+    return request.param
+
+
 def prompts(tokenizer):
     texts = ["<|im_start|>user\nhello", "<|im_start|>user\na longer prompt here", "x"]
     ids = [torch.tensor(tokenizer.encode(t)) for t in texts]
     return [ids[0], ids[1], ids[0], ids[2], ids[0]]  # the first prompt three times
 
 
-def test_greedy_replies_equal_transformers_generate(tiny, device):
+def test_greedy_replies_equal_transformers_generate(tiny, device, static_cache):
     tokenizer, model = tiny
     model = model.to(device)
     eos = tokenizer.eos_token_id
-    settings = SamplingSettings(max_new_tokens=12, temperature=0, eos_ids=(eos,))
+    settings = SamplingSettings(
+        max_new_tokens=12, temperature=0, eos_ids=(eos,), static_cache=static_cache
+    )
     replies, _, _ = sample_replies(
         model, prompts(tokenizer), settings, pad_id=tokenizer.pad_token_id
     )
@@ -42,10 +50,12 @@ def test_greedy_replies_equal_transformers_generate(tiny, device):
     model.cpu()
 
 
-def test_log_probs_are_the_teacher_forced_ones(tiny):
+def test_log_probs_are_the_teacher_forced_ones(tiny, static_cache):
     tokenizer, model = tiny
     torch.manual_seed(0)
-    settings = SamplingSettings(max_new_tokens=8, temperature=1.3, top_p=0.9)
+    settings = SamplingSettings(
+        max_new_tokens=8, temperature=1.3, top_p=0.9, static_cache=static_cache
+    )
     batch = prompts(tokenizer)
     replies, log_probs, _ = sample_replies(model, batch, settings, pad_id=tokenizer.pad_token_id)
     assert [len(r) for r in replies] == [8] * 5  # no eos given: every reply is full length
@@ -74,11 +84,13 @@ def test_identical_prompts_are_prefilled_once_and_sampled_independently(tiny):
     assert len({tuple(c) for c in copies}) > 1  # the copies are separate samples
 
 
-def test_forbidden_tokens_and_eos(tiny):
+def test_forbidden_tokens_and_eos(tiny, static_cache):
     tokenizer, model = tiny
     eos = tokenizer.eos_token_id
     forbidden = tuple(range(4, 60))  # most printable characters
-    settings = SamplingSettings(max_new_tokens=10, eos_ids=(eos,), forbidden_ids=forbidden)
+    settings = SamplingSettings(
+        max_new_tokens=10, eos_ids=(eos,), forbidden_ids=forbidden, static_cache=static_cache
+    )
     torch.manual_seed(2)
     replies, log_probs, _ = sample_replies(
         model, prompts(tokenizer) * 4, settings, pad_id=tokenizer.pad_token_id
@@ -116,13 +128,15 @@ def test_a_common_prefix_is_prefilled_once(tiny):
         torch.testing.assert_close(lp, expected, atol=1e-4, rtol=0)
 
 
-def test_choices_restrict_replies_to_a_renormalised_distribution(tiny):
+def test_choices_restrict_replies_to_a_renormalised_distribution(tiny, static_cache):
     tokenizer, model = tiny
     eos = tokenizer.eos_token_id
     up, down, push = (tokenizer.encode(w) + [eos] for w in ("up", "down", "push"))
     batch = prompts(tokenizer)
     torch.manual_seed(4)
-    settings = SamplingSettings(max_new_tokens=8, temperature=1.5, eos_ids=(eos,))
+    settings = SamplingSettings(
+        max_new_tokens=8, temperature=1.5, eos_ids=(eos,), static_cache=static_cache
+    )
     choices = [[up, down, push], [up], [], [up, down, push], [down, push]]  # the third is free
     replies, log_probs, allowed = sample_replies(
         model, batch, settings, pad_id=tokenizer.pad_token_id, choices=choices

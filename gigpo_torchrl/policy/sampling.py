@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from gigpo_torchrl.policy.decoding import DynamicDecoder, StaticDecoder
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -33,6 +35,9 @@ class SamplingSettings:
             ``top_p`` (1 keeps every token).
         eos_ids: tokens that end a reply (kept as its last token).
         forbidden_ids: tokens never sampled.
+        static_cache: decode on a preallocated cache replayed as a CUDA graph
+            (:class:`~gigpo_torchrl.policy.decoding.StaticDecoder`) rather than a growing
+            one; None: on a CUDA device only (on the CPU it saves nothing).
     """
 
     max_new_tokens: int
@@ -40,6 +45,7 @@ class SamplingSettings:
     top_p: float = 1.0
     eos_ids: tuple[int, ...] = ()
     forbidden_ids: tuple[int, ...] = ()
+    static_cache: bool | None = None
 
 
 def _pick(logits: Tensor, settings: SamplingSettings) -> Tensor:
@@ -160,8 +166,15 @@ def sample_replies(
         **{cache_keyword: cache},
     )
     rows = torch.tensor(source, device=device)
-    cache.reorder_cache(rows)  # each reply gets its own copy of its prompt's cache
-    logits, mask = out.logits[:, -1].float()[rows], mask[rows]
+    logits = out.logits[:, -1].float()[rows]
+    # each reply continues its own copy of its prompt's cache
+    if device.type == "cuda" if settings.static_cache is None else settings.static_cache:
+        decoder = StaticDecoder(
+            model, cache, rows, mask[rows], settings.max_new_tokens, cache_keyword
+        )
+    else:
+        cache.reorder_cache(rows)
+        decoder = DynamicDecoder(model, cache, mask[rows], cache_keyword)
 
     count = len(prompts)
     tokens = torch.zeros(count, settings.max_new_tokens, dtype=torch.long)
@@ -194,19 +207,11 @@ def sample_replies(
             keep = torch.nonzero(~ended).squeeze(-1)
             if keep.numel() == 0:
                 break
-            active, token, mask = active[keep.cpu()], token[keep], mask[keep]
-            cache.reorder_cache(keep)
+            active, token = active[keep.cpu()], token[keep]
+            decoder.keep(keep)
         if t + 1 == settings.max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=mask.sum(-1, keepdim=True) - 1,
-            use_cache=True,
-            **{cache_keyword: cache},
-        )
-        logits = out.logits[:, -1].float()
+        logits = decoder.step(token)
     lengths = lengths.tolist()
     return Replies(
         [tokens[i, :n] for i, n in enumerate(lengths)],

@@ -1,0 +1,263 @@
+"""Decode steps for :func:`~gigpo_torchrl.policy.sampling.sample_replies`, after the prompts'
+prefill: one new token per active reply per step, returning the logits of the next.
+
+Two ways, one interface (``keep`` the rows still active, ``step`` with their tokens):
+
+- :class:`DynamicDecoder` grows a transformers ``DynamicCache`` and drops the rows of finished
+  replies, so no compute is spent on them. Used on the CPU, where a step's cost is its
+  arithmetic.
+- :class:`StaticDecoder` writes into a preallocated cache of a fixed shape (batch and length
+  rounded up to buckets) and, on a CUDA device, replays the step as a captured CUDA graph.
+  A small model's decode step on a GPU is bound by launching its few hundred kernels one by
+  one from Python, not by their arithmetic; a graph launches them all at once. Finished rows
+  stay in the batch (their outputs are ignored): on a GPU they cost nothing measurable.
+  Buffers and graphs are kept per model and reused by every later call with the same
+  bucket; the model's weights may change in place between calls (an optimizer step), not
+  move (a new ``.to()`` or a replaced parameter starts afresh).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import Tensor
+
+# Batch sizes round up to a power of two from this one, cache lengths to a multiple of
+# LENGTH_BUCKET tokens: a few buckets (and graphs) serve a whole run of growing prompts.
+MIN_BATCH_BUCKET = 8
+LENGTH_BUCKET = 128
+
+
+class DynamicDecoder:
+    """Decode steps on a ``DynamicCache`` holding one row per active reply.
+
+    Args:
+        model: the causal LM that filled ``cache``.
+        cache: the prompts' cache, one row per reply.
+        mask: int64 ``[rows, width]``, 1 where a cached position is a real token.
+        cache_keyword: the model's name for the cache argument.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache, mask: Tensor, cache_keyword: str):
+        self.model, self.cache, self.mask, self.cache_keyword = model, cache, mask, cache_keyword
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the active rows at indices ``rows`` (int64, on the model's device)."""
+        self.cache.reorder_cache(rows)
+        self.mask = self.mask[rows]
+
+    def step(self, token: Tensor) -> Tensor:
+        """Feed int64 ``[rows]`` tokens; return the float ``[rows, V]`` next-token logits."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        out = self.model(
+            input_ids=token[:, None],
+            attention_mask=self.mask,
+            position_ids=self.mask.sum(-1, keepdim=True) - 1,
+            use_cache=True,
+            **{self.cache_keyword: self.cache},
+        )
+        return out.logits[:, -1].float()
+
+
+class StaticKV:
+    """The cache a transformers attention layer writes to through ``update``: per layer,
+    keys and values ``[B, H, L, D]``, the new token's written at position ``slot`` (an int64
+    ``[1]`` device tensor, so that one captured graph serves every step).
+
+    Under bfloat16 autocast the keys and values are kept in bfloat16, which attention casts
+    them to anyway: that changes no result and halves what each step reads.
+    """
+
+    def __init__(self, keys: list[Tensor], values: list[Tensor], slot: Tensor):
+        self.keys, self.values, self.slot = keys, values, slot
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.slot, key_states.to(keys.dtype))
+        values.index_copy_(2, self.slot, value_states.to(values.dtype))
+        return keys, values
+
+
+class _Bucket:
+    """The inputs, cache views and graph of one (batch, length) bucket: a captured graph
+    reads these very tensors, so every decoder of the bucket fills them in place."""
+
+    def __init__(self, store: _Store, batch: int, length: int):
+        device = store.device
+        keys, values = [], []
+        for (k_flat, v_flat), (heads, k_dim, v_dim) in zip(
+            store.storage, store.layout[0], strict=True
+        ):
+            # the first elements of the layer's storage, as a contiguous cache
+            keys.append(k_flat[: batch * heads * length * k_dim].view(batch, heads, length, k_dim))
+            values.append(
+                v_flat[: batch * heads * length * v_dim].view(batch, heads, length, v_dim)
+            )
+        self.kv = StaticKV(keys, values, torch.zeros(1, dtype=torch.long, device=device))
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        # [B, 1, 1, L] boolean: true where a row attends
+        self.attend = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None  # the captured step's output
+        self.autocast: tuple | None = None  # the autocast state it was captured under
+
+
+class _Store:
+    """One model's static cache storage, sized for the largest bucket asked for so far,
+    and its buckets. Valid while the model's parameters stay where they are and the cache
+    layout (per layer: heads, key and value dims; the dtype) stays the same."""
+
+    def __init__(self, params: tuple, layout: tuple, batch: int, length: int, device):
+        self.params, self.layout, self.batch, self.length = params, layout, batch, length
+        self.device = device
+        per_layer, dtype = layout
+        self.storage = [
+            (
+                torch.zeros(batch * heads * length * k_dim, dtype=dtype, device=device),
+                torch.zeros(batch * heads * length * v_dim, dtype=dtype, device=device),
+            )
+            for heads, k_dim, v_dim in per_layer
+        ]
+        self.buckets: dict[tuple[int, int], _Bucket] = {}
+        self.pool = None  # the graphs' shared memory pool (they never run at once)
+        self.capture_failed = False
+
+    def bucket(self, batch: int, length: int) -> _Bucket:
+        if (batch, length) not in self.buckets:
+            self.buckets[batch, length] = _Bucket(self, batch, length)
+        return self.buckets[batch, length]
+
+
+_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _store_for(model, layout: tuple, batch: int, length: int, device) -> _Store:
+    params = tuple(p.data_ptr() for p in model.parameters())
+    store = _STORES.get(model)
+    if store is not None and (store.params, store.layout) == (params, layout):
+        if batch <= store.batch and length <= store.length:
+            return store
+        # grow to the larger of old and new in each dimension (the old graphs go)
+        batch, length = max(batch, store.batch), max(length, store.length)
+    _STORES.pop(model, None)
+    del store  # its memory is free before the new storage is taken
+    _STORES[model] = _Store(params, layout, batch, length, device)
+    return _STORES[model]
+
+
+def _bucket(batch: int, length: int) -> tuple[int, int]:
+    rows = max(MIN_BATCH_BUCKET, 1 << (batch - 1).bit_length())
+    return rows, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
+class StaticDecoder:
+    """Decode steps on a static cache, replayed as a CUDA graph on a CUDA device.
+
+    Args:
+        model: the causal LM that filled ``cache``.
+        cache: the prompts' transformers ``DynamicCache``, one row per distinct prompt.
+        rows: int64 ``[R]``: the ``cache`` row each reply continues.
+        mask: int64 ``[R, width]``, 1 where a cached position is a real token.
+        max_new_tokens: decode steps at most.
+        cache_keyword: the model's name for the cache argument.
+        capture: replay steps as a CUDA graph (default: when the model is on a CUDA device).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache,
+        rows: Tensor,
+        mask: Tensor,
+        max_new_tokens: int,
+        cache_keyword: str,
+        capture: bool | None = None,
+    ):
+        device = mask.device
+        self.model, self.cache_keyword = model, cache_keyword
+        capture = device.type == "cuda" if capture is None else capture
+        enabled = torch.is_autocast_enabled(device.type)
+        self.autocast = (enabled, torch.get_autocast_dtype(device.type) if enabled else None)
+        count, self.width = mask.shape
+        batch, length = _bucket(count, self.width + max_new_tokens)
+        prompt = [(layer.keys, layer.values) for layer in cache.layers]
+        layout = (
+            tuple((k.shape[1], k.shape[3], v.shape[3]) for k, v in prompt),
+            self.autocast[1] or prompt[0][0].dtype,
+        )
+        self.store = _store_for(model, layout, batch, length, device)
+        self.bucket = self.store.bucket(batch, length)
+        self.capture = capture and not self.store.capture_failed
+        b = self.bucket
+        for k_view, v_view, (k, v) in zip(b.kv.keys, b.kv.values, prompt, strict=True):
+            k_view[:count, :, : self.width] = k[rows]
+            v_view[:count, :, : self.width] = v[rows]
+        b.positions.zero_()
+        b.positions[:count, 0] = mask.sum(-1) - 1
+        b.attend.zero_()
+        b.attend[:count, 0, 0, : self.width] = mask.bool()
+        # the bucket's spare rows attend to their first position, keeping their softmax finite
+        b.attend[count:, 0, 0, 0] = True
+        self.slots = torch.arange(count, device=device)  # active row -> bucket row
+        self.steps = 0
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the active rows at indices ``rows`` (int64, on the model's device)."""
+        self.slots = self.slots[rows]
+
+    def step(self, token: Tensor) -> Tensor:
+        """Feed int64 ``[rows]`` tokens; return the float ``[rows, V]`` next-token logits."""
+        b, position = self.bucket, self.width + self.steps
+        b.ids[self.slots, 0] = token
+        b.positions += 1
+        b.attend[:, 0, 0, position] = True
+        b.kv.slot.fill_(position)
+        self.steps += 1
+        if not self.capture:
+            return self._forward()[self.slots].float()
+        if b.graph is not None and b.autocast == self.autocast:
+            b.graph.replay()
+            return b.logits[self.slots].float()
+        try:
+            self._capture()
+        except RuntimeError as error:  # an op the graph cannot hold: decode without
+            warnings.warn(
+                f"CUDA graph capture failed, decoding step by step from now on: {error}",
+                stacklevel=2,
+            )
+            self.store.capture_failed, self.capture = True, False
+            return self._forward()[self.slots].float()
+        return b.logits[self.slots].float()
+
+    def _forward(self) -> Tensor:
+        b = self.bucket
+        out = self.model(
+            input_ids=b.ids,
+            attention_mask=b.attend,
+            position_ids=b.positions,
+            use_cache=True,
+            **{self.cache_keyword: b.kv},
+        )
+        return out.logits[:, -1]
+
+    def _capture(self) -> None:
+        """Capture one step into the bucket's graph and run it (this step's outputs)."""
+        b = self.bucket
+        enabled, dtype = self.autocast
+        # autocast's cast cache would keep tensors of the graph's memory pool
+        cast = torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+        warm = torch.cuda.Stream()
+        warm.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warm), cast:
+            self._forward()  # lazy set-up (cuBLAS workspaces, kernel choices) outside capture
+        torch.cuda.current_stream().wait_stream(warm)
+        if self.store.pool is None:
+            self.store.pool = torch.cuda.graph_pool_handle()
+        b.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(b.graph, pool=self.store.pool), cast:
+            b.logits = self._forward()
+        b.autocast = self.autocast
+        b.graph.replay()

@@ -1,0 +1,88 @@
+"""The static-cache decoder (a CUDA graph on a GPU) across calls, buckets and weight updates."""
+
+import pytest
+import torch
+
+from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
+from gigpo_torchrl.policy.decoding import LENGTH_BUCKET
+from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
+
+
+def teacher_forced(model, prompt, reply):
+    with torch.no_grad():
+        logits = model(torch.cat([prompt, reply])[None].to(model.device)).logits
+    return (
+        logits[0, len(prompt) - 1 : -1]
+        .float()
+        .log_softmax(-1)
+        .gather(-1, reply[:, None].to(logits.device))[:, 0]
+        .cpu()
+    )
+
+
+def check(model, tokenizer, texts, max_new_tokens=6, atol=1e-4):
+    batch = [torch.tensor(tokenizer.encode(t)) for t in texts]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=1.2, static_cache=True)
+    replies, log_probs, _ = sample_replies(model, batch, settings, pad_id=tokenizer.pad_token_id)
+    assert [len(r) for r in replies] == [max_new_tokens] * len(batch)  # no eos given
+    for prompt, reply, lp in zip(batch, replies, log_probs, strict=True):
+        torch.testing.assert_close(lp, teacher_forced(model, prompt, reply), atol=atol, rtol=0)
+    return replies
+
+
+def test_calls_share_buckets_grow_and_follow_weight_updates(device):
+    torch.manual_seed(0)
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model(tokenizer, seed=1).to(device)
+    atol = 1e-4 if device == "cpu" else 1e-3
+    check(model, tokenizer, ["<|im_start|>user\nhello"] * 3 + ["a different one"], atol=atol)
+    # fewer rows, same bucket: the spare rows and stale cache entries must not leak in
+    check(model, tokenizer, ["x", "yz"], atol=atol)
+    # a prompt longer than the bucket: the storage grows
+    check(model, tokenizer, ["long " * LENGTH_BUCKET, "short"], atol=atol)
+    # an optimizer step changes the weights in place: the next decode sees them
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    check(model, tokenizer, ["<|im_start|>user\nhello", "again"], atol=atol)
+    # a replaced parameter (new memory) starts afresh
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 1.5)
+    check(model, tokenizer, ["<|im_start|>user\nhello", "again"], atol=atol)
+
+
+def test_static_and_dynamic_decoders_agree_under_bfloat16_autocast(device):
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model(tokenizer, seed=2).to(device)
+    batch = [torch.tensor(tokenizer.encode(t)) for t in ("<|im_start|>user\nhi", "go west")]
+    out = {}
+    for static in (False, True):
+        torch.manual_seed(3)
+        settings = SamplingSettings(max_new_tokens=8, temperature=0, static_cache=static)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out[static] = sample_replies(model, batch, settings, pad_id=tokenizer.pad_token_id)
+    for a, b in zip(out[False].log_probs, out[True].log_probs, strict=True):
+        # greedy, so the same tokens unless two logits tie within bfloat16's precision
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0)
+    assert [r.tolist() for r in out[False].tokens] == [r.tolist() for r in out[True].tokens]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_step_replays_a_graph_on_cuda():
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model(tokenizer, seed=4).to("cuda")
+    batch = [torch.tensor(tokenizer.encode(t)) for t in ("one prompt", "another prompt")]
+    settings = SamplingSettings(max_new_tokens=10, temperature=1.0, static_cache=True)
+    calls = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        sample_replies(model, batch, settings, pad_id=tokenizer.pad_token_id)
+        first = len(calls)  # the prefill, then a warm-up step and the capture
+        replies, log_probs, _ = sample_replies(
+            model, batch, settings, pad_id=tokenizer.pad_token_id
+        )
+    finally:
+        hook.remove()
+    # the second call finds its bucket's graph: only the prefill runs the Python modules
+    assert (first, len(calls) - first) == (3, 1)
+    for prompt, reply, lp in zip(batch, replies, log_probs, strict=True):
+        torch.testing.assert_close(lp, teacher_forced(model, prompt, reply), atol=1e-3, rtol=0)
