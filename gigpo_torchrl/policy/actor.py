@@ -172,10 +172,11 @@ class LLMPolicy(TensorDictModuleBase):
 
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids of each prompt text (no special tokens added: the template has them)."""
-        return [
-            torch.tensor(self.tokenizer.encode(p, add_special_tokens=False), dtype=torch.long)
-            for p in prompts
-        ]
+        if not prompts:
+            return []
+        # one batched call: the fast tokenizers encode a batch in parallel
+        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        return [torch.tensor(i, dtype=torch.long) for i in ids]
 
     @torch.no_grad()
     def score(self, full_tokens: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 from transformers import DynamicCache
 
 from gigpo_torchrl.policy.decoding import DynamicDecoder, StaticDecoder
@@ -140,41 +141,42 @@ def sample_replies(
     source = [distinct.setdefault(tuple(p.tolist()), len(distinct)) for p in prompts]
     unique = [torch.as_tensor(p) for p in distinct]
     cache_keyword = _cache_keyword(model)
-    cache = DynamicCache(config=model.config)  # filled in place by every forward below
-    shared = _common_prefix(unique)
-    if len(unique) > 1 and shared >= MIN_SHARED_PREFIX:
-        # the system prompt and task text: encoded once, its cache copied to every prompt
-        model(
-            input_ids=unique[0][None, :shared].to(device),
+    with record_function("gigpo/prefill"):
+        cache = DynamicCache(config=model.config)  # filled in place by every forward below
+        shared = _common_prefix(unique)
+        if len(unique) > 1 and shared >= MIN_SHARED_PREFIX:
+            # the system prompt and task text: encoded once, its cache copied to every prompt
+            model(
+                input_ids=unique[0][None, :shared].to(device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_keyword: cache},
+            )
+            cache.reorder_cache(torch.zeros(len(unique), dtype=torch.long, device=device))
+        else:
+            shared = 0
+        # the rest of each prompt, left-padded after the shared part (masked holes)
+        ids, mask = _left_padded([p[shared:] for p in unique], pad_id)
+        ids = ids.to(device)
+        mask = torch.cat([torch.ones(len(unique), shared, dtype=torch.long), mask], 1).to(device)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, shared:],
             use_cache=True,
             logits_to_keep=1,
             **{cache_keyword: cache},
         )
-        cache.reorder_cache(torch.zeros(len(unique), dtype=torch.long, device=device))
-    else:
-        shared = 0
-    # the rest of each prompt, left-padded after the shared part (masked holes)
-    ids, mask = _left_padded([p[shared:] for p in unique], pad_id)
-    ids = ids.to(device)
-    mask = torch.cat([torch.ones(len(unique), shared, dtype=torch.long), mask], 1).to(device)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, shared:],
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_keyword: cache},
-    )
-    rows = torch.tensor(source, device=device)
-    logits = out.logits[:, -1].float()[rows]
-    # each reply continues its own copy of its prompt's cache
-    if device.type == "cuda" if settings.static_cache is None else settings.static_cache:
-        decoder = StaticDecoder(
-            model, cache, rows, mask[rows], settings.max_new_tokens, cache_keyword
-        )
-    else:
-        cache.reorder_cache(rows)
-        decoder = DynamicDecoder(model, cache, mask[rows], cache_keyword)
+        rows = torch.tensor(source, device=device)
+        logits = out.logits[:, -1].float()[rows]
+        # each reply continues its own copy of its prompt's cache
+        if device.type == "cuda" if settings.static_cache is None else settings.static_cache:
+            decoder = StaticDecoder(
+                model, cache, rows, mask[rows], settings.max_new_tokens, cache_keyword
+            )
+        else:
+            cache.reorder_cache(rows)
+            decoder = DynamicDecoder(model, cache, mask[rows], cache_keyword)
 
     count = len(prompts)
     tokens = torch.zeros(count, settings.max_new_tokens, dtype=torch.long)
@@ -196,22 +198,26 @@ def sample_replies(
                 steps_allowed[i].append((allowed[k] if allowed else None) or [])
         token = _pick(logits, settings)
         log_prob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
-        tokens[active, t] = token.cpu()
-        log_probs[active, t] = log_prob.cpu()
-        ended = torch.isin(token, eos)
-        lengths[active[ended.cpu()]] = t + 1
+        # one device-to-host copy per step (token ids are exact in float32 below 2**24)
+        picked = torch.stack([token.float(), log_prob, torch.isin(token, eos).float()]).cpu()
+        ended = picked[2].bool()
+        tokens[active, t] = picked[0].long()
+        log_probs[active, t] = picked[1]
+        lengths[active[ended]] = t + 1
         if choices:
-            forced = _complete_forced(choices, active, tokens, log_probs, lengths, steps_allowed, t)
-            ended |= forced.to(ended.device)
+            ended |= _complete_forced(choices, active, tokens, log_probs, lengths, steps_allowed, t)
         if bool(ended.any()):
             keep = torch.nonzero(~ended).squeeze(-1)
             if keep.numel() == 0:
                 break
-            active, token = active[keep.cpu()], token[keep]
+            active = active[keep]
+            keep = keep.to(device)
+            token = token[keep]
             decoder.keep(keep)
         if t + 1 == settings.max_new_tokens:
             break
-        logits = decoder.step(token)
+        with record_function("gigpo/decode_step"):
+            logits = decoder.step(token)
     lengths = lengths.tolist()
     return Replies(
         [tokens[i, :n] for i, n in enumerate(lengths)],
