@@ -45,7 +45,7 @@ import torch
 from tensordict import TensorDictBase
 
 from gigpo_torchrl.collector import GroupCollector
-from gigpo_torchrl.policy import LLMPolicy, load_model
+from gigpo_torchrl.policy import LLMPolicy, decoding, load_model
 from gigpo_torchrl.policy.actor import action_choices, read_actions
 from gigpo_torchrl.policy.sampling import MIN_SHARED_PREFIX, _common_prefix, continuing
 
@@ -294,6 +294,11 @@ def main() -> None:
     )
     parser.add_argument("--no-cb", action="store_true", help="skip continuous batching")
     parser.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="on CUDA, also time decode steps through torch.compile (compiles first)",
+    )
+    parser.add_argument(
         "--constrain-actions",
         action="store_true",
         help="replies are one of the admissible actions, as the main job's (lock-step "
@@ -363,15 +368,38 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     )
     graph_rows = []
     if model.device.type == "cuda":
-        # the same sampler stepping its growing cache eagerly: what the CUDA graphs save
-        graphs = policy.sampling
-        policy.sampling = dataclasses.replace(graphs, static_cache=False)
-        torch.manual_seed(0)
-        eager_tokens, eager_s, _ = cached_sampling(
-            policy, policy.prompt_batches, policy.action_batches
-        )
-        policy.sampling = graphs
-        graph_rows.append(("sample_replies, no CUDA graphs", eager_tokens, eager_s))
+        # the sampler's CUDA-only parts, each taken away in turn: what each saves
+        def variant(label, **settings):
+            default = policy.sampling
+            policy.sampling = dataclasses.replace(default, **settings)
+            torch.manual_seed(0)
+            tokens, seconds, _ = cached_sampling(
+                policy, policy.prompt_batches, policy.action_batches
+            )
+            policy.sampling = default
+            graph_rows.append((label, tokens, seconds))
+
+        variant("sample_replies, no CUDA graphs", static_cache=False)
+        decoding.SHADOW_WEIGHTS = False
+        variant("  graphs, autocast casts every step", static_cache=True)
+        decoding.SHADOW_WEIGHTS = True
+        if args.compile_decode:
+            start = time.perf_counter()
+            variant("  graphs + torch.compile (compiling)", compile_decode=True)
+            compile_s = time.perf_counter() - start
+            variant("  graphs + torch.compile", compile_decode=True)
+            policy.sampling = dataclasses.replace(policy.sampling, compile_decode=True)
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            collector.collect()
+            graph_rows.append(
+                (
+                    "GroupCollector, compiled (next batch)",
+                    collector.stats["tokens_generated"],
+                    time.perf_counter() - start,
+                )
+            )
+            print(f"compiling the decode step took about {compile_s:.0f}s")
     token_batches = [policy.encode(prompts) for prompts in policy.prompt_batches]
     cb_rows, cb_lines = [], []
     if not args.no_cb and policy.sampling.forbidden_ids:

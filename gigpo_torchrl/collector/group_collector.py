@@ -464,9 +464,12 @@ class GroupCollector:
             else:
                 replies = generate(prompts)
             generated_rows += len(active)
+            # read once per step: each read of a string entry lists the whole batch
+            responses = replies.get(("text", "response"))
+            responses = responses.tolist() if hasattr(responses, "tolist") else list(responses)
             actions = [""] * n_env
             for k, i in enumerate(active):
-                reply = replies[k]["text", "response"]
+                reply = responses[k]
                 # games with raw_action (ms-swift envs) parse the whole reply themselves
                 actions[i] = reply if raw[i] else self.parse(reply, tuple(admissible[i]))
             if step is None:
@@ -476,11 +479,22 @@ class GroupCollector:
                 next_td = step(actions)
             has_errors = next_td.get("error", None) is not None
             errors = list(next_td["error"]) if has_errors else [""] * n_env
+            # the policy's rows are fresh for this step: each becomes a step row in place
+            reply_rows = replies.unbind(0)
             for k, i in enumerate(active):
                 if errors[i]:  # the game failed: its episode ended
                     env_errors += 1
                 rows.append(
-                    self._row(td, next_td, replies[k], i, group_ids[i], traj_ids[i], actions[i])
+                    self._row(
+                        td,
+                        next_td,
+                        reply_rows[k],
+                        i,
+                        group_ids[i],
+                        traj_ids[i],
+                        actions[i],
+                        observations[i],
+                    )
                 )
                 history[i].append((observations[i], actions[i]))
             done = next_td["done"].reshape(-1).clone()
@@ -521,15 +535,14 @@ class GroupCollector:
         return rows, sum(p[1] for p in played), sum(p[2] for p in played)
 
     @staticmethod
-    def _row(td, next_td, reply, i, group_id, traj_id, action) -> TensorDict:
-        row = reply.clone()
+    def _row(td, next_td, row, i, group_id, traj_id, action, observation) -> TensorDict:
         row.update(
             {
                 "group_id": group_id.clone(),
                 "traj_id": traj_id.clone(),
                 "step": td["step"][i].clone(),
                 "state_hash": td["state_hash"][i].clone(),
-                "observation": td["observation"][i],
+                "observation": observation,
                 "action_text": action,
                 "action_valid": next_td["action_valid"][i].clone(),
                 "success": next_td["success"][i].clone(),

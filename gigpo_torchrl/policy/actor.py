@@ -94,6 +94,9 @@ class LLMPolicy(TensorDictModuleBase):
             ``("allowed_tokens", "response")`` (int64 ``[len(reply), K]``, -1 padded) so
             that :class:`~gigpo_torchrl.objectives.GIGPOLoss` trains that same
             distribution.
+        compile_decode: on CUDA, where decode steps replay a CUDA graph of a static
+            cache, build that graph from a ``torch.compile``'d step (its small kernels
+            fused; the first call compiles, about a minute at SmolLM2's size).
         sampler: a torchrl LLM wrapper that generates from ``("tokens", "prompt")`` instead
             of ``model.generate`` (e.g. a ``vLLMWrapper`` serving the same weights;
             :func:`make_policy` builds it for ``backend="vllm"``). Its replies are then
@@ -121,6 +124,7 @@ class LLMPolicy(TensorDictModuleBase):
         max_new_tokens: int = 64,
         forbid_special: bool = False,
         constrain_actions: bool = False,
+        compile_decode: bool = False,
         sampler: TensorDictModuleBase | None = None,
     ):
         super().__init__()
@@ -161,6 +165,7 @@ class LLMPolicy(TensorDictModuleBase):
                 dict.fromkeys(i for i in [tokenizer.eos_token_id, *stop] if i is not None)
             ),
             forbidden_ids=tuple(i for (i,) in generate_kwargs.get("bad_words_ids", [])),
+            compile_decode=compile_decode,
         )
         self.sampler = sampler
         self.constrain_actions = constrain_actions

@@ -24,6 +24,11 @@ import weakref
 import torch
 from torch import Tensor
 
+# Under autocast, decode with a copy of the linear layers' weights in autocast's dtype
+# (the casts autocast would make at every step, made once per call: the same numbers).
+# Benchmarks switch it off to measure it.
+SHADOW_WEIGHTS = True
+
 # Batch sizes round up to a power of two from this one, cache lengths to a multiple of
 # LENGTH_BUCKET tokens: a few buckets (and graphs) serve a whole run of growing prompts.
 MIN_BATCH_BUCKET = 8
@@ -124,6 +129,25 @@ class _Store:
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self.pool = None  # the graphs' shared memory pool (they never run at once)
         self.capture_failed = False
+        # under autocast: the linear layers' weights and biases in its dtype, refreshed
+        # from the model at every call (the graphs read these; see StaticDecoder)
+        self.shadows: dict[str, Tensor] | None = None
+        self.shadowed: list[Tensor] = []
+
+    def refresh_shadows(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        if self.shadows is None:
+            self.shadows, self.shadowed = {}, []
+            for name, module in model.named_modules():
+                if not isinstance(module, torch.nn.Linear):
+                    continue
+                for kind in ("weight", "bias"):
+                    tensor = getattr(module, kind)
+                    if tensor is not None and tensor.dtype != dtype:
+                        self.shadows[f"{name}.{kind}"] = torch.empty_like(tensor, dtype=dtype)
+                        self.shadowed.append(tensor)
+        if self.shadows:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.shadows.values()), self.shadowed)
 
     def bucket(self, batch: int, length: int) -> _Bucket:
         if (batch, length) not in self.buckets:
@@ -153,6 +177,36 @@ def _bucket(batch: int, length: int) -> tuple[int, int]:
     return rows, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
+def _decode_forward(model, cache_keyword, ids, attend, positions, kv, shadows) -> Tensor:
+    """One decode step's forward: ``[B, V]`` logits (the linear layers' ``shadows`` in place
+    of their parameters when given)."""
+    inputs = dict(
+        input_ids=ids,
+        attention_mask=attend,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_keyword: kv},
+    )
+    if shadows:
+        # the tied embedding keeps its own float32 table: only the LM head is shadowed
+        out = torch.func.functional_call(model, shadows, kwargs=inputs, tie_weights=False)
+    else:
+        out = model(**inputs)
+    return out.logits[:, -1]
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled(model):
+    """``_decode_forward`` through ``torch.compile`` (one per model): its elementwise ops
+    fused into a few kernels per layer. Shapes that change between buckets are made dynamic
+    after the first recompilation (torch.compile's automatic dynamic shapes)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(_decode_forward, dynamic=True)
+    return _COMPILED[model]
+
+
 class StaticDecoder:
     """Decode steps on a static cache, replayed as a CUDA graph on a CUDA device.
 
@@ -164,6 +218,8 @@ class StaticDecoder:
         max_new_tokens: decode steps at most.
         cache_keyword: the model's name for the cache argument.
         capture: replay steps as a CUDA graph (default: when the model is on a CUDA device).
+        compile: run each step's forward through ``torch.compile`` (fused kernels; the first
+            steps compile, which takes a while).
     """
 
     def __init__(
@@ -175,8 +231,10 @@ class StaticDecoder:
         max_new_tokens: int,
         cache_keyword: str,
         capture: bool | None = None,
+        compile: bool = False,
     ):
         device = mask.device
+        self.compile = compile
         self.model, self.cache_keyword = model, cache_keyword
         capture = device.type == "cuda" if capture is None else capture
         enabled = torch.is_autocast_enabled(device.type)
@@ -189,6 +247,8 @@ class StaticDecoder:
             self.autocast[1] or prompt[0][0].dtype,
         )
         self.store = _store_for(model, layout, batch, length, device)
+        if enabled and SHADOW_WEIGHTS:
+            self.store.refresh_shadows(model, self.autocast[1])
         self.bucket = self.store.bucket(batch, length)
         self.capture = capture and not self.store.capture_failed
         b = self.bucket
@@ -233,15 +293,11 @@ class StaticDecoder:
         return b.logits[self.slots].float()
 
     def _forward(self) -> Tensor:
-        b = self.bucket
-        out = self.model(
-            input_ids=b.ids,
-            attention_mask=b.attend,
-            position_ids=b.positions,
-            use_cache=True,
-            **{self.cache_keyword: b.kv},
+        b, store = self.bucket, self.store
+        run = _compiled(self.model) if self.compile else _decode_forward
+        return run(
+            self.model, self.cache_keyword, b.ids, b.attend, b.positions, b.kv, store.shadows
         )
-        return out.logits[:, -1]
 
     def _capture(self) -> None:
         """Capture one step into the bucket's graph and run it (this step's outputs)."""

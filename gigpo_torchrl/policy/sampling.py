@@ -39,6 +39,8 @@ class SamplingSettings:
         static_cache: decode on a preallocated cache replayed as a CUDA graph
             (:class:`~gigpo_torchrl.policy.decoding.StaticDecoder`) rather than a growing
             one; None: on a CUDA device only (on the CPU it saves nothing).
+        compile_decode: with the static cache, decode steps through ``torch.compile``
+            (their many small kernels fused; the first calls compile).
     """
 
     max_new_tokens: int
@@ -47,6 +49,7 @@ class SamplingSettings:
     eos_ids: tuple[int, ...] = ()
     forbidden_ids: tuple[int, ...] = ()
     static_cache: bool | None = None
+    compile_decode: bool = False
 
 
 def _pick(logits: Tensor, settings: SamplingSettings) -> Tensor:
@@ -172,7 +175,13 @@ def sample_replies(
         # each reply continues its own copy of its prompt's cache
         if device.type == "cuda" if settings.static_cache is None else settings.static_cache:
             decoder = StaticDecoder(
-                model, cache, rows, mask[rows], settings.max_new_tokens, cache_keyword
+                model,
+                cache,
+                rows,
+                mask[rows],
+                settings.max_new_tokens,
+                cache_keyword,
+                compile=settings.compile_decode,
             )
         else:
             cache.reorder_cache(rows)

@@ -48,6 +48,8 @@ HELP = {
     "dtype": "auto, float32 or bfloat16 (autocast, fp32 weights and optimizer state); "
     "auto: bfloat16 on CUDA, float32 on CPU",
     "gradient_checkpointing": "recompute activations in backward: less memory, ~30%% slower",
+    "compile_decode": "on CUDA, decode steps through torch.compile inside their CUDA graph "
+    "(small kernels fused; compiling takes about a minute at start-up)",
     "num_threads": "torch intra-op threads on CPU (default: the cores not busy at start-up)",
     "num_env_workers": "Ray actors stepping the games in parallel, each a share of the "
     "batch (0: in this process; needs gigpo-torchrl[ray]); the rows are the same",

@@ -47,6 +47,7 @@ RESUMABLE = frozenset(
         "num_policy_replicas",  # the same rules; sampled replies follow the replicas' RNGs
         "ray_address",
         "gradient_checkpointing",
+        "compile_decode",
         "max_tokens_per_micro_batch",
         "micro_batch_size",
         "output_dir",
@@ -130,6 +131,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     gradient_checkpointing: bool = False
+    compile_decode: bool = False
     num_threads: int | None = None
     num_env_workers: int = 0
     num_policy_replicas: int = 0

@@ -171,6 +171,7 @@ class Trainer:
             max_new_tokens=config.max_new_tokens,
             forbid_special=config.model == "tiny",
             constrain_actions=config.constrain_actions,
+            compile_decode=config.compile_decode,
         )
         self.policy = LLMPolicy(
             model, tokenizer, temperature=config.temperature, top_p=config.top_p, **sampling
