@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
+from gigpo_torchrl.policy import decoding, make_char_tokenizer, make_tiny_model
 from gigpo_torchrl.policy.decoding import LENGTH_BUCKET
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
 
@@ -86,3 +86,18 @@ def test_a_step_replays_a_graph_on_cuda():
     assert (first, len(calls) - first) == (3, 1)
     for prompt, reply, lp in zip(batch, replies, log_probs, strict=True):
         torch.testing.assert_close(lp, teacher_forced(model, prompt, reply), atol=1e-3, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_graph_is_captured_again_when_the_decoding_way_changes(monkeypatch):
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model(tokenizer, seed=5).to("cuda")
+    texts = ["one prompt", "another prompt"]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        check(model, tokenizer, texts, atol=0.05)  # captured reading the bfloat16 copies
+        monkeypatch.setattr(decoding, "SHADOW_WEIGHTS", False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+        # a graph still reading the (now stale) copies would miss the new weights
+        check(model, tokenizer, texts, atol=0.05)

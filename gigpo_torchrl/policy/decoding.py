@@ -107,7 +107,7 @@ class _Bucket:
         self.attend = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None  # the captured step's output
-        self.autocast: tuple | None = None  # the autocast state it was captured under
+        self.captured_as: tuple | None = None  # the decoder's ``way`` when captured
 
 
 class _Store:
@@ -247,8 +247,12 @@ class StaticDecoder:
             self.autocast[1] or prompt[0][0].dtype,
         )
         self.store = _store_for(model, layout, batch, length, device)
+        self.shadows = None
         if enabled and SHADOW_WEIGHTS:
             self.store.refresh_shadows(model, self.autocast[1])
+            self.shadows = self.store.shadows
+        # what a captured graph depends on besides its bucket's tensors
+        self.way = (self.autocast, compile, self.shadows is not None)
         self.bucket = self.store.bucket(batch, length)
         self.capture = capture and not self.store.capture_failed
         b = self.bucket
@@ -278,7 +282,7 @@ class StaticDecoder:
         self.steps += 1
         if not self.capture:
             return self._forward()[self.slots].float()
-        if b.graph is not None and b.autocast == self.autocast:
+        if b.graph is not None and b.captured_as == self.way:
             b.graph.replay()
             return b.logits[self.slots].float()
         try:
@@ -293,11 +297,9 @@ class StaticDecoder:
         return b.logits[self.slots].float()
 
     def _forward(self) -> Tensor:
-        b, store = self.bucket, self.store
+        b = self.bucket
         run = _compiled(self.model) if self.compile else _decode_forward
-        return run(
-            self.model, self.cache_keyword, b.ids, b.attend, b.positions, b.kv, store.shadows
-        )
+        return run(self.model, self.cache_keyword, b.ids, b.attend, b.positions, b.kv, self.shadows)
 
     def _capture(self) -> None:
         """Capture one step into the bucket's graph and run it (this step's outputs)."""
@@ -315,5 +317,5 @@ class StaticDecoder:
         b.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(b.graph, pool=self.store.pool), cast:
             b.logits = self._forward()
-        b.autocast = self.autocast
+        b.captured_as = self.way
         b.graph.replay()
