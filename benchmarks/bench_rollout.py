@@ -402,16 +402,6 @@ def run(args, name, model, tokenizer, precision: str) -> None:
                 )
             )
             print(f"compiling the decode step took about {compile_s:.0f}s")
-        policy.sampling = dataclasses.replace(policy.sampling, compile_decode=False)
-        with torch.profiler.profile() as ops:
-            cached_sampling(policy, policy.prompt_batches, policy.action_batches)
-        spans = {e.key: e for e in ops.key_averages() if e.key.startswith("gigpo/")}
-        print(
-            "sample_replies host time: "
-            + ", ".join(
-                f"{k} {e.cpu_time_total / 1e6:.2f}s ({e.count} calls)" for k, e in spans.items()
-            )
-        )
     token_batches = [policy.encode(prompts) for prompts in policy.prompt_batches]
     cb_rows, cb_lines = [], []
     if not args.no_cb and policy.sampling.forbidden_ids:
