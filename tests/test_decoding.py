@@ -101,3 +101,15 @@ def test_a_graph_is_captured_again_when_the_decoding_way_changes(monkeypatch):
                 p.add_(torch.randn_like(p) * 0.2)
         # a graph still reading the (now stale) copies would miss the new weights
         check(model, tokenizer, texts, atol=0.05)
+
+
+def test_the_cache_grows_by_half_again_so_growing_prompts_rarely_reallocate():
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model(tokenizer, seed=6)
+    check(model, tokenizer, ["a" * 1010])  # 1,016 positions: one 1,024 bucket
+    first = decoding._STORES[model]
+    check(model, tokenizer, ["b" * 1100])  # needs 1,152: the storage grows to 1,536
+    grown = decoding._STORES[model]
+    assert grown is not first and (first.length, grown.length) == (1024, 1536)
+    check(model, tokenizer, ["c" * 1400, "d"])  # fits: same storage, nothing reallocated
+    assert decoding._STORES[model] is grown

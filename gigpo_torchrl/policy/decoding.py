@@ -12,8 +12,9 @@ Two ways, one interface (``keep`` the rows still active, ``step`` with their tok
   one from Python, not by their arithmetic; a graph launches them all at once. Finished rows
   stay in the batch (their outputs are ignored): on a GPU they cost nothing measurable.
   Buffers and graphs are kept per model and reused by every later call with the same
-  bucket; the model's weights may change in place between calls (an optimizer step), not
-  move (a new ``.to()`` or a replaced parameter starts afresh).
+  bucket; the storage grows (by half again at least) when a longer prompt comes, and the
+  graphs are then captured again. The model's weights may change in place between calls
+  (an optimizer step), not move (a new ``.to()`` or a replaced parameter starts afresh).
 """
 
 from __future__ import annotations
@@ -164,8 +165,10 @@ def _store_for(model, layout: tuple, batch: int, length: int, device) -> _Store:
     if store is not None and (store.params, store.layout) == (params, layout):
         if batch <= store.batch and length <= store.length:
             return store
-        # grow to the larger of old and new in each dimension (the old graphs go)
-        batch, length = max(batch, store.batch), max(length, store.length)
+        # grow (the old graphs go, to be captured again): lengths by half again at least,
+        # since prompts that carry an episode's history grow turn after turn
+        batch = max(batch, store.batch)
+        length = max(length, -(-store.length * 3 // 2 // LENGTH_BUCKET) * LENGTH_BUCKET)
     _STORES.pop(model, None)
     del store  # its memory is free before the new storage is taken
     _STORES[model] = _Store(params, layout, batch, length, device)
