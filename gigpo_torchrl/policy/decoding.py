@@ -8,9 +8,11 @@ Two ways, one interface (``keep`` the rows still active, ``step`` with their tok
   arithmetic.
 - :class:`StaticDecoder` writes into a preallocated cache of a fixed shape (batch and length
   rounded up to buckets) and, on a CUDA device, replays the step as a captured CUDA graph.
-  A small model's decode step on a GPU is bound by launching its few hundred kernels one by
-  one from Python, not by their arithmetic; a graph launches them all at once. Finished rows
-  stay in the batch (their outputs are ignored): on a GPU they cost nothing measurable.
+  A small model's decode step on a GPU is bound by launching its kernels (about 1,500 at
+  SmolLM2-135M's 30 layers) one by one from Python, not by their arithmetic; a graph
+  launches them all at once (2.3k -> 5.8k tokens/s measured on an H200, see the README).
+  Finished rows stay in the batch and their outputs are ignored: the fixed shape lets one
+  graph serve every step.
   Buffers and graphs are kept per model and reused by every later call with the same
   bucket; the storage grows (by half again at least) when a longer prompt comes, and the
   graphs are then captured again. The model's weights may change in place between calls
