@@ -6,8 +6,10 @@ same state see the same prompt (exactly GIGPO's anchor states), and every prompt
 with the same system prompt and task — and ``generate`` would prefill every copy. Here the
 prefix common to all prompts is prefilled once, then each distinct prompt's remainder once,
 and the cache rows are copied for the replies that follow; a reply that reached eos leaves
-the batch, so no compute is spent decoding past it. Every reply token's log-prob comes
-from the raw (untempered) logits that sampled it: the teacher-forced log-prob of that token.
+the batch, so no compute is spent decoding past it (on a CUDA device the decode steps
+replay a CUDA graph of a fixed shape instead: see :mod:`~gigpo_torchrl.policy.decoding`).
+Every reply token's log-prob comes from the raw (untempered) logits that sampled it: the
+teacher-forced log-prob of that token.
 """
 
 from __future__ import annotations
