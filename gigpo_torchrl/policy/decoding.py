@@ -170,7 +170,7 @@ def _store_for(model, layout: tuple, batch: int, length: int, device) -> _Store:
         # grow (the old graphs go, to be captured again): lengths by half again at least,
         # since prompts that carry an episode's history grow turn after turn
         batch = max(batch, store.batch)
-        length = max(length, -(-store.length * 3 // 2 // LENGTH_BUCKET) * LENGTH_BUCKET)
+        length = max(length, _bucket(batch, store.length * 3 // 2)[1])
     _STORES.pop(model, None)
     del store  # its memory is free before the new storage is taken
     _STORES[model] = _Store(params, layout, batch, length, device)
