@@ -312,15 +312,16 @@ class StaticDecoder:
         enabled, dtype = self.autocast
         # autocast's cast cache would keep tensors of the graph's memory pool
         cast = torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
-        warm = torch.cuda.Stream()
-        warm.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(warm), cast:
-            self._forward()  # lazy set-up (cuBLAS workspaces, kernel choices) outside capture
-        torch.cuda.current_stream().wait_stream(warm)
-        if self.store.pool is None:
-            self.store.pool = torch.cuda.graph_pool_handle()
-        b.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(b.graph, pool=self.store.pool), cast:
-            b.logits = self._forward()
-        b.captured_as = self.way
-        b.graph.replay()
+        with torch.cuda.device(b.ids.device):  # streams and graphs of the model's GPU
+            warm = torch.cuda.Stream()
+            warm.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(warm), cast:
+                self._forward()  # lazy set-up (cuBLAS workspaces, kernels) outside capture
+            torch.cuda.current_stream().wait_stream(warm)
+            if self.store.pool is None:
+                self.store.pool = torch.cuda.graph_pool_handle()
+            b.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(b.graph, pool=self.store.pool), cast:
+                b.logits = self._forward()
+            b.captured_as = self.way
+            b.graph.replay()
