@@ -205,8 +205,8 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _compiled(model):
     """``_decode_forward`` through ``torch.compile`` (one per model): its elementwise ops
-    fused into a few kernels per layer. Shapes that change between buckets are made dynamic
-    after the first recompilation (torch.compile's automatic dynamic shapes)."""
+    fused into a few kernels per layer. Compiled with dynamic shapes, so that every bucket
+    uses the one compilation."""
     if model not in _COMPILED:
         _COMPILED[model] = torch.compile(_decode_forward, dynamic=True)
     return _COMPILED[model]
@@ -286,20 +286,22 @@ class StaticDecoder:
         b.kv.slot.fill_(position)
         self.steps += 1
         if not self.capture:
-            return self._forward()[self.slots].float()
-        if b.graph is not None and b.captured_as == self.way:
+            logits = self._forward()
+        elif b.graph is not None and b.captured_as == self.way:
             b.graph.replay()
-            return b.logits[self.slots].float()
-        try:
-            self._capture()
-        except RuntimeError as error:  # an op the graph cannot hold: decode without
-            warnings.warn(
-                f"CUDA graph capture failed, decoding step by step from now on: {error}",
-                stacklevel=2,
-            )
-            self.store.capture_failed, self.capture = True, False
-            return self._forward()[self.slots].float()
-        return b.logits[self.slots].float()
+            logits = b.logits
+        else:
+            try:
+                self._capture()
+                logits = b.logits
+            except RuntimeError as error:  # an op the graph cannot hold: decode without
+                warnings.warn(
+                    f"CUDA graph capture failed, decoding step by step from now on: {error}",
+                    stacklevel=2,
+                )
+                self.store.capture_failed, self.capture = True, False
+                logits = self._forward()
+        return logits[self.slots].float()
 
     def _forward(self) -> Tensor:
         b = self.bucket
