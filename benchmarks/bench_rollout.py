@@ -46,9 +46,10 @@ from tensordict import TensorDictBase
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gigpo_torchrl.collector import GroupCollector
-from gigpo_torchrl.policy import LLMPolicy, decoding, load_model
+from gigpo_torchrl.policy import LLMPolicy, decoding, load_model, prefill
 from gigpo_torchrl.policy.actor import action_choices, read_actions
-from gigpo_torchrl.policy.sampling import MIN_SHARED_PREFIX, _common_prefix, continuing
+from gigpo_torchrl.policy.prefill import encoded_tokens, prefix_tree
+from gigpo_torchrl.policy.sampling import continuing
 
 
 class RecordingPolicy(LLMPolicy):
@@ -116,20 +117,58 @@ def cached_sampling(policy, prompt_batches, action_batches) -> tuple[int, float,
     return tokens, time.perf_counter() - start, lengths
 
 
-def prefill_tokens(token_batches) -> dict[str, int]:
+def call_cost(model) -> tuple[float, float]:
+    """``(fixed, per_token)`` seconds of one forward over ``[1, n]`` prompt tokens, from
+    n = 8 and n = 136 (medians of 3): what ``prefill.CALL_TOKENS`` is set from."""
+    device = next(model.parameters()).device
+
+    def seconds(n: int) -> float:
+        ids = torch.full((1, n), 100, device=device)
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            model(input_ids=ids, logits_to_keep=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return sorted(times[1:])[1]
+
+    with torch.no_grad():
+        short, long = seconds(8), seconds(136)
+    per_token = (long - short) / 128
+    return short - 8 * per_token, per_token
+
+
+def prefill_tokens(token_batches, device: str) -> dict[str, int]:
     """Prompt tokens each way prefills, summed over the batches (counted, not timed)."""
-    counts = dict.fromkeys(("lock-step (padded)", "every prompt", "distinct prompts", "sampler"), 0)
+    counts = dict.fromkeys(
+        (
+            "lock-step (padded)",
+            "every prompt",
+            "distinct prompts",
+            "one shared prefix",
+            "sampler",
+            "sampler calls",
+        ),
+        0,
+    )
     for prompts in token_batches:
         lengths = [len(p) for p in prompts]
         unique = list({tuple(p.tolist()): p for p in prompts}.values())
         counts["lock-step (padded)"] += len(prompts) * max(lengths)
         counts["every prompt"] += sum(lengths)
         counts["distinct prompts"] += sum(len(p) for p in unique)
-        shared = _common_prefix(unique)
-        if len(unique) == 1 or shared < MIN_SHARED_PREFIX:
-            shared = 0
-        # sample_replies: the shared prefix once, the distinct remainders left-padded together
-        counts["sampler"] += shared + len(unique) * max(len(p) - shared for p in unique)
+        # the first sampler: the prefix all prompts share, then the remainders padded together
+        common = min(len(p) for p in unique) - 1 if len(unique) > 1 else 0
+        first = unique[0]
+        common = next((i for i in range(common) if any(p[i] != first[i] for p in unique)), common)
+        common = common if common >= prefill.MIN_SHARED_RUN else 0
+        counts["one shared prefix"] += common + len(unique) * max(len(p) - common for p in unique)
+        # sample_replies: the prefix tree's runs in left-padded forward calls, level by level
+        tree = prefix_tree([p.tolist() for p in unique], prefill.MIN_SHARED_RUN)
+        tokens, calls = encoded_tokens(tree, prefill.CALL_TOKENS.get(device, float("inf")))
+        counts["sampler"] += tokens
+        counts["sampler calls"] += calls
     return counts
 
 
@@ -368,18 +407,21 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         policy, policy.prompt_batches, policy.action_batches
     )
     graph_rows = []
-    if model.device.type == "cuda":
-        # the sampler's CUDA-only parts, each taken away in turn: what each saves
-        def variant(label, **settings):
-            default = policy.sampling
-            policy.sampling = dataclasses.replace(default, **settings)
-            torch.manual_seed(0)
-            tokens, seconds, _ = cached_sampling(
-                policy, policy.prompt_batches, policy.action_batches
-            )
-            policy.sampling = default
-            graph_rows.append((label, tokens, seconds))
 
+    # the sampler with one of its parts taken away: what that part saves
+    def variant(label, **settings):
+        default = policy.sampling
+        policy.sampling = dataclasses.replace(default, **settings)
+        torch.manual_seed(0)
+        tokens, seconds, _ = cached_sampling(policy, policy.prompt_batches, policy.action_batches)
+        policy.sampling = default
+        graph_rows.append((label, tokens, seconds))
+
+    shared_run = prefill.MIN_SHARED_RUN
+    prefill.MIN_SHARED_RUN = 1 << 30  # every run folded: each distinct prompt encoded whole
+    variant("  no shared runs (distinct prompts whole)")
+    prefill.MIN_SHARED_RUN = shared_run
+    if model.device.type == "cuda":
         variant("sample_replies, no CUDA graphs", static_cache=False)
         decoding.SHADOW_WEIGHTS = False
         variant("  graphs, autocast casts every step")
@@ -473,12 +515,18 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         )
     for line in cb_lines:
         print(line)
-    counts = prefill_tokens(token_batches)
+    counts = prefill_tokens(token_batches, model.device.type)
     print(
         "prompt tokens prefilled: "
         + ", ".join(f"{k} {v}" for k, v in counts.items())
         + f"; sampler saves {1 - counts['sampler'] / counts['lock-step (padded)']:.0%} of "
         f"lock-step's, {1 - counts['sampler'] / counts['every prompt']:.0%} of every prompt's"
+    )
+    fixed, per_token = call_cost(model)
+    print(
+        f"one forward call: {fixed * 1000:.1f} ms + {per_token * 1000:.3f} ms per prompt token "
+        f"(the cost of {fixed / per_token:.0f} tokens; prefill.CALL_TOKENS "
+        f"{prefill.CALL_TOKENS.get(model.device.type, float('inf'))})"
     )
     flat = [n for batch in reply_lengths for n in batch]
     waits = sum(len(b) * max(b) for b in reply_lengths)

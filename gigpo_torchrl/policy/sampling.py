@@ -22,9 +22,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch.profiler import record_function
-from transformers import DynamicCache
 
 from gigpo_torchrl.policy.decoding import DynamicDecoder, StaticDecoder
+from gigpo_torchrl.policy.prefill import prefill_prompts
 
 
 @dataclass(frozen=True)
@@ -95,28 +95,6 @@ def _cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-# Shorter common prefixes are not worth a forward call of their own.
-MIN_SHARED_PREFIX = 8
-
-
-def _common_prefix(prompts: Sequence[Tensor]) -> int:
-    """Length of the prefix all ``prompts`` share, leaving each at least one token."""
-    shortest = min(len(p) for p in prompts)
-    stacked = torch.stack([p[: shortest - 1] for p in prompts])
-    same = (stacked == stacked[:1]).all(0)
-    return int(same.long().cumprod(0).sum())
-
-
-def _left_padded(prompts: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, tokens in enumerate(prompts):
-        ids[i, width - len(tokens) :] = tokens
-        mask[i, width - len(tokens) :] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def sample_replies(
     model: torch.nn.Module,
@@ -147,33 +125,12 @@ def sample_replies(
     unique = [torch.as_tensor(p) for p in distinct]
     cache_keyword = _cache_keyword(model)
     with record_function("gigpo/prefill"):
-        cache = DynamicCache(config=model.config)  # filled in place by every forward below
-        shared = _common_prefix(unique)
-        if len(unique) > 1 and shared >= MIN_SHARED_PREFIX:
-            # the system prompt and task text: encoded once, its cache copied to every prompt
-            model(
-                input_ids=unique[0][None, :shared].to(device),
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache_keyword: cache},
-            )
-            cache.reorder_cache(torch.zeros(len(unique), dtype=torch.long, device=device))
-        else:
-            shared = 0
-        # the rest of each prompt, left-padded after the shared part (masked holes)
-        ids, mask = _left_padded([p[shared:] for p in unique], pad_id)
-        ids = ids.to(device)
-        mask = torch.cat([torch.ones(len(unique), shared, dtype=torch.long), mask], 1).to(device)
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, shared:],
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_keyword: cache},
+        # every run of tokens that several prompts share encoded once (a prefix tree)
+        cache, mask, logits = prefill_prompts(
+            model, unique, pad_id=pad_id, cache_keyword=cache_keyword
         )
         rows = torch.tensor(source, device=device)
-        logits = out.logits[:, -1].float()[rows]
+        logits = logits[rows]
         # each reply continues its own copy of its prompt's cache
         if device.type == "cuda" if settings.static_cache is None else settings.static_cache:
             decoder = StaticDecoder(

@@ -1,0 +1,246 @@
+"""Prompt prefill over a prefix tree: every token that several prompts share is encoded once.
+
+An agent's prompts share text at several depths: the system prompt and task open every
+prompt, the N attempts of a group read the same task and, for their first steps, the same
+observations, and attempts standing in the same state read the same prompt. The distinct
+prompts of a batch are laid out as a compressed prefix tree (each node holds a run of
+tokens that all prompts below it share); the nodes are encoded level by level, one batched
+forward per level, each node's rows continuing a copy of its parent's cache. The result is
+one cache row per distinct prompt, as if each had been encoded alone (left-padded holes
+masked out), and the logits after its last token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+# A shared run shorter than this is not worth a forward call of its own: its tokens are
+# encoded again in each branch below it. (Benchmarks raise it to measure what sharing saves.)
+MIN_SHARED_RUN = 8
+
+
+@dataclass
+class PrefixNode:
+    """One run of tokens, ``prompts[member][start:end]``, shared by every prompt below it.
+
+    Attributes:
+        start, end: the run's token range (the parent's run ends at ``start``).
+        member: a distinct prompt that contains the run.
+        parent: the parent's index in the node list, -1 for a root.
+        terminal: the distinct prompt that ends with this run, or -1.
+        level: 0 for a root, else the parent's level + 1.
+    """
+
+    start: int
+    end: int
+    member: int
+    parent: int
+    terminal: int = -1
+    level: int = 0
+
+
+def prefix_tree(
+    prompts: Sequence[Sequence[int]], min_run: int = MIN_SHARED_RUN
+) -> list[PrefixNode]:
+    """The compressed prefix tree of distinct, non-empty token sequences, parents first.
+
+    Each prompt ends at exactly one node (its ``terminal``); a run shared by several
+    prompts but shorter than ``min_run`` tokens is folded into the runs below it, unless a
+    prompt ends there. Every prompt keeps its own last token in its terminal node, so that
+    its logits come out of the forward that encodes that node.
+    """
+    if len(set(map(tuple, prompts))) != len(prompts) or any(len(p) == 0 for p in prompts):
+        raise ValueError("prefix_tree needs distinct, non-empty prompts")
+    nodes: list[PrefixNode] = []
+    # (members sharing prompts[m][:start], each longer than start; their parent node)
+    pending = [(list(range(len(prompts))), 0, -1)]
+    while pending:  # a stack, not recursion: one level per branching, as many as prompts
+        members, start, parent = pending.pop()
+        shortest = min(len(prompts[m]) for m in members)
+        first = prompts[members[0]]
+        end = start
+        while end < shortest and all(prompts[m][end] == first[end] for m in members[1:]):
+            end += 1
+        here = parent
+        if end > start:
+            here = len(nodes)
+            nodes.append(PrefixNode(start, end, members[0], parent))
+        branches: dict[int, list[int]] = {}
+        for m in members:
+            if len(prompts[m]) == end:
+                nodes[here].terminal = m
+            else:
+                branches.setdefault(prompts[m][end], []).append(m)
+        pending.extend((branch, end, here) for branch in reversed(branches.values()))
+    return _fold_short_runs(nodes, min_run)
+
+
+def _fold_short_runs(nodes: list[PrefixNode], min_run: int) -> list[PrefixNode]:
+    """Drop the non-terminal nodes whose run is shorter than ``min_run``: their children
+    start where they started. Renumbers the rest, parents first, and sets the levels."""
+    keep: list[int] = []
+    new_index: dict[int, int] = {}
+    for i, node in enumerate(nodes):  # parents come before their children
+        parent = node.parent
+        if parent != -1 and parent not in new_index:  # the parent was folded away
+            folded = nodes[parent]
+            node.start, node.parent = folded.start, folded.parent
+        if node.terminal == -1 and node.end - node.start < min_run:
+            continue
+        node.parent = new_index.get(node.parent, -1)
+        new_index[i] = len(keep)
+        keep.append(i)
+    out = [nodes[i] for i in keep]
+    for node in out:
+        node.level = 0 if node.parent == -1 else out[node.parent].level + 1
+    return out
+
+
+def _left_padded(runs: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in runs)
+    ids = torch.full((len(runs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, tokens in enumerate(runs):
+        ids[i, width - len(tokens) :] = tokens
+        mask[i, width - len(tokens) :] = 1
+    return ids, mask
+
+
+def schedule(nodes: Sequence[PrefixNode], call_tokens: float) -> list[list[int]]:
+    """The forward calls that encode ``nodes``: lists of node indices, level by level (a
+    node's parent is encoded in an earlier call).
+
+    Each call pads its runs to its longest, so a level whose runs differ in length is split
+    into calls of similar runs: the split that minimises the padded tokens plus
+    ``call_tokens`` per call (what a forward costs beyond its tokens; ``inf``: one call per
+    level).
+    """
+    levels: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        levels.setdefault(node.level, []).append(i)
+    calls = []
+    for _, members in sorted(levels.items()):
+        members.sort(key=lambda i: nodes[i].end - nodes[i].start)
+        if call_tokens == float("inf"):
+            calls.append(members)
+            continue
+        runs = [nodes[i].end - nodes[i].start for i in members]
+        # best[j]: the cheapest cost of the j shortest runs; cut[j]: where its last call starts
+        best, cut = [0.0] + [float("inf")] * len(runs), [0] * (len(runs) + 1)
+        for j in range(1, len(runs) + 1):
+            for i in range(j):
+                cost = best[i] + (j - i) * runs[j - 1] + call_tokens
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        bounds, j = [], len(runs)
+        while j:
+            bounds.append((cut[j], j))
+            j = cut[j]
+        calls.extend(members[i:j] for i, j in reversed(bounds))
+    return calls
+
+
+def encoded_tokens(nodes: Sequence[PrefixNode], call_tokens: float) -> tuple[int, int]:
+    """``(tokens, calls)``: the padded tokens and the forward calls that :func:`schedule`
+    makes for ``nodes``."""
+    calls = schedule(nodes, call_tokens)
+    width = [max(nodes[i].end - nodes[i].start for i in call) for call in calls]
+    return sum(len(call) * w for call, w in zip(calls, width, strict=True)), len(calls)
+
+
+# What one more forward call costs, in prompt tokens, by device type: on 2 CPU cores a
+# SmolLM2-135M forward costs about 35 ms plus 1.2 ms per token (benchmarks/bench_rollout.py
+# prints it). Elsewhere, unmeasured: one call per level.
+CALL_TOKENS = {"cpu": 32.0}
+
+
+class _Encoded:
+    """The forward calls made so far: per call, per-layer keys and values ``[n, H, w, D]``,
+    the mask ``[n, w]`` and the last logits ``[n, V]``; ``at[node] = (call, row)``."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]] = []
+        self.at: dict[int, tuple[int, int]] = {}
+
+    def gather(self, nodes: Sequence[int]) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
+        """The rows of ``nodes``, right-aligned to the widest of their calls (holes masked)."""
+        device = self.calls[0][1].device
+        width = max(self.calls[self.at[n][0]][1].shape[1] for n in nodes)
+        sample_kv, _, sample_logits = self.calls[0]
+        kv = [
+            (
+                k.new_zeros(len(nodes), k.shape[1], width, k.shape[3]),
+                v.new_zeros(len(nodes), v.shape[1], width, v.shape[3]),
+            )
+            for k, v in sample_kv
+        ]
+        mask = torch.zeros(len(nodes), width, dtype=torch.long, device=device)
+        logits = sample_logits.new_empty(len(nodes), sample_logits.shape[1])
+        by_call: dict[int, list[tuple[int, int]]] = {}
+        for into, n in enumerate(nodes):
+            call, row = self.at[n]
+            by_call.setdefault(call, []).append((into, row))
+        for call, pairs in by_call.items():
+            call_kv, call_mask, call_logits = self.calls[call]
+            into = torch.tensor([i for i, _ in pairs], device=device)
+            rows = torch.tensor([r for _, r in pairs], device=device)
+            offset = width - call_mask.shape[1]
+            for (k, v), (k_out, v_out) in zip(call_kv, kv, strict=True):
+                k_out[into, :, offset:] = k[rows]
+                v_out[into, :, offset:] = v[rows]
+            mask[into, offset:] = call_mask[rows]
+            logits[into] = call_logits[rows]
+        return kv, mask, logits
+
+
+@torch.no_grad()
+def prefill_prompts(
+    model: torch.nn.Module, prompts: Sequence[Tensor], *, pad_id: int, cache_keyword: str
+) -> tuple[DynamicCache, Tensor, Tensor]:
+    """Encode distinct prompts over their prefix tree (see the module docstring).
+
+    Args:
+        model: a transformers causal LM.
+        prompts: U distinct, non-empty int64 token sequences.
+        pad_id: fills the holes (masked out).
+        cache_keyword: the model's name for the cache argument.
+
+    Returns:
+        ``(cache, mask, logits)``: a ``DynamicCache`` of U rows of width W; int64 ``[U, W]``
+        mask, 1 where a cached position is one of the prompt's tokens (in order); float
+        ``[U, V]`` logits after each prompt's last token. All on the model's device.
+    """
+    device = next(model.parameters()).device
+    seqs = [p.tolist() for p in prompts]
+    nodes = prefix_tree(seqs, MIN_SHARED_RUN)
+    encoded = _Encoded()
+    for call in schedule(nodes, CALL_TOKENS.get(device.type, float("inf"))):
+        runs = [torch.as_tensor(seqs[nodes[i].member][nodes[i].start : nodes[i].end]) for i in call]
+        ids, mask = _left_padded(runs, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        cache = DynamicCache(config=model.config)
+        if nodes[call[0]].parent != -1:  # a level's calls are all roots or all children
+            past_kv, past_mask, _ = encoded.gather([nodes[i].parent for i in call])
+            cache = DynamicCache(ddp_cache_data=past_kv, config=model.config)
+            mask = torch.cat([past_mask, mask], 1)
+        past = mask.shape[1] - ids.shape[1]
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, past:],
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_keyword: cache},
+        )
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        encoded.at.update((n, (len(encoded.calls), row)) for row, n in enumerate(call))
+        encoded.calls.append((kv, mask, out.logits[:, -1].float()))
+    # one row per prompt, from the call that encoded its last run
+    ends = {node.terminal: i for i, node in enumerate(nodes) if node.terminal != -1}
+    kv, mask, logits = encoded.gather([ends[u] for u in range(len(prompts))])
+    return DynamicCache(ddp_cache_data=kv, config=model.config), mask, logits

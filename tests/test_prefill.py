@@ -1,0 +1,178 @@
+"""The prefix-tree prefill: its tree by hand, its outputs against each prompt encoded alone."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model, prefill
+from gigpo_torchrl.policy.prefill import PrefixNode, prefill_prompts, prefix_tree, schedule
+from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = make_char_tokenizer()
+    return tokenizer, make_tiny_model(tokenizer, seed=0)
+
+
+def shape(nodes):
+    return [(n.start, n.end, n.parent, n.terminal, n.level) for n in nodes]
+
+
+def test_tree_of_nested_prompts_by_hand():
+    system = list(range(100, 110))  # 10 tokens every prompt opens with
+    group_a = system + list(range(200, 209))  # 9 more shared by the first two
+    prompts = [
+        group_a + [1, 2],
+        group_a + [3],
+        system + [4, 5, 6],
+        system,  # ends where the others go on
+    ]
+    assert shape(prefix_tree(prompts, min_run=8)) == [
+        (0, 10, -1, 3, 0),  # the system run, where prompt 3 ends
+        (10, 19, 0, -1, 1),  # group a's run (9 tokens)
+        (19, 21, 1, 0, 2),
+        (19, 20, 1, 1, 2),
+        (10, 13, 0, 2, 1),
+    ]
+    # group a's 9 tokens are shorter than 10: folded into its two branches
+    assert shape(prefix_tree(prompts, min_run=10)) == [
+        (0, 10, -1, 3, 0),
+        (10, 21, 0, 0, 1),
+        (10, 20, 0, 1, 1),
+        (10, 13, 0, 2, 1),
+    ]
+
+
+def test_prompts_that_differ_from_the_first_token_are_roots():
+    assert shape(prefix_tree([[1, 2, 3], [4, 5]])) == [(0, 3, -1, 0, 0), (0, 2, -1, 1, 0)]
+    assert shape(prefix_tree([[7]])) == [(0, 1, -1, 0, 0)]
+
+
+@pytest.mark.parametrize("bad", [[[1, 2], [1, 2]], [[1], []]])
+def test_duplicate_or_empty_prompts_are_refused(bad):
+    with pytest.raises(ValueError, match="distinct, non-empty"):
+        prefix_tree(bad)
+
+
+prompt_sets = st.lists(
+    st.lists(st.integers(0, 3), min_size=1, max_size=12), min_size=1, max_size=10, unique_by=tuple
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompts=prompt_sets, min_run=st.integers(1, 4))
+def test_each_prompt_is_the_runs_of_its_chain(prompts, min_run):
+    nodes = prefix_tree(prompts, min_run=min_run)
+    assert sorted(n.terminal for n in nodes if n.terminal != -1) == list(range(len(prompts)))
+    for node in nodes:
+        assert node.start < node.end
+        assert node.parent < nodes.index(node)  # parents first
+        if node.terminal == -1:
+            assert node.end - node.start >= min_run  # short shared runs are folded away
+        if node.parent != -1:
+            assert node.start == nodes[node.parent].end
+            assert node.level == nodes[node.parent].level + 1
+        else:
+            assert node.start == 0 and node.level == 0
+    for node in nodes:
+        if node.terminal == -1:
+            continue
+        chain, at = [], nodes.index(node)
+        while at != -1:
+            chain.append(nodes[at])
+            at = nodes[at].parent
+        tokens = [t for n in reversed(chain) for t in prompts[n.member][n.start : n.end]]
+        assert tokens == prompts[node.terminal]
+        # every prompt below a run shares it
+        for n in chain:
+            assert prompts[node.terminal][n.start : n.end] == prompts[n.member][n.start : n.end]
+
+
+SYSTEM = "<|im_start|>system\nYou play a text game.<|im_end|>\n<|im_start|>user\nTask: "
+GROUP = "reach the goal on map 7.\n"
+OTHER = "another map entirely."
+SEEN = ("A wall is near.", "The goal is near!")
+ALONE = "no shared text at all"
+
+
+def nested_prompts(tokenizer):
+    texts = [
+        SYSTEM + GROUP + SEEN[0],
+        SYSTEM + GROUP + SEEN[1],
+        SYSTEM + GROUP,  # a prompt that others extend
+        SYSTEM + OTHER,
+        ALONE,
+    ]
+    return [torch.tensor(tokenizer.encode(t)) for t in texts]
+
+
+def test_prefill_equals_each_prompt_encoded_alone(tiny):
+    tokenizer, model = tiny
+    prompts = nested_prompts(tokenizer)
+    cache, mask, logits = prefill_prompts(
+        model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache"
+    )
+    assert mask.sum(-1).tolist() == [len(p) for p in prompts]
+    # one more token through the cache: each row continues its own prompt
+    nxt = torch.tensor([[tokenizer.encode("x")[0]]] * len(prompts))
+    with torch.no_grad():
+        step = model(
+            input_ids=nxt,
+            attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+            position_ids=mask.sum(-1, keepdim=True),
+            cache=cache,
+            use_cache=True,
+        ).logits[:, -1]
+        for i, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, nxt[i]])[None]).logits[0]
+            torch.testing.assert_close(logits[i], alone[-2], atol=1e-4, rtol=0)
+            torch.testing.assert_close(step[i], alone[-1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("call_tokens", [float("inf"), 0.0])
+def test_shared_runs_are_encoded_once(tiny, monkeypatch, call_tokens):
+    tokenizer, model = tiny
+    monkeypatch.setitem(prefill.CALL_TOKENS, "cpu", call_tokens)
+    prompts = nested_prompts(tokenizer)
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    try:
+        prefill_prompts(model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache")
+    finally:
+        hook.remove()
+    n = lambda text: len(tokenizer.encode(text))  # noqa: E731
+    # by hand: the system run and the unrelated prompt, then the two tasks, then the two
+    # observations of the first task (the character tokenizer does not merge across them)
+    levels = [(SYSTEM, ALONE), (GROUP, OTHER), SEEN]
+    if call_tokens == float("inf"):  # one call per level, its runs padded to the longest
+        expected = [(2, max(n(a), n(b))) for a, b in levels]
+    else:  # calls cost nothing: one per run length, shortest first
+        expected = [(1, w) for a, b in levels for w in sorted({n(a), n(b)})]
+    assert [tuple(x) for x in seen] == expected
+
+
+def test_schedule_splits_a_level_where_padding_costs_more_than_a_call():
+    nodes = [PrefixNode(0, length, i, -1, i) for i, length in enumerate([10, 100, 12, 95])]
+    # together: 4 x 100 = 400 tokens + 1 call; split {10, 12} {95, 100}: 24 + 200 + 2 calls
+    assert schedule(nodes, 100.0) == [[0, 2], [3, 1]]
+    assert schedule(nodes, 200.0) == [[0, 2, 3, 1]]
+    assert schedule(nodes, float("inf")) == [[0, 2, 3, 1]]
+    assert schedule(nodes, 0.0) == [[0], [2], [3], [1]]
+    # children come in calls after their parents' level
+    nodes.append(PrefixNode(10, 20, 0, 0, -1, level=1))
+    assert schedule(nodes, 100.0)[-1] == [4]
+
+
+def test_sampled_log_probs_match_teacher_forcing_with_nested_prompts(tiny):
+    tokenizer, model = tiny
+    prompts = nested_prompts(tokenizer) * 2
+    torch.manual_seed(5)
+    settings = SamplingSettings(max_new_tokens=6, temperature=1.0)
+    replies, log_probs, _ = sample_replies(model, prompts, settings, pad_id=tokenizer.pad_token_id)
+    for prompt, reply, lp in zip(prompts, replies, log_probs, strict=True):
+        with torch.no_grad():
+            logits = model(torch.cat([prompt, reply])[None]).logits[0, len(prompt) - 1 : -1]
+        expected = logits.log_softmax(-1).gather(-1, reply[:, None])[:, 0]
+        torch.testing.assert_close(lp, expected, atol=1e-4, rtol=0)
