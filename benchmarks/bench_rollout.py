@@ -41,14 +41,16 @@ import time
 import traceback
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from tensordict import TensorDictBase
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import DynamicCache
 
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, decoding, load_model, prefill
 from gigpo_torchrl.policy.actor import action_choices, read_actions
-from gigpo_torchrl.policy.prefill import encoded_tokens, prefix_tree
+from gigpo_torchrl.policy.prefill import encoded_tokens
 from gigpo_torchrl.policy.sampling import continuing
 
 
@@ -139,6 +141,49 @@ def call_cost(model) -> tuple[float, float]:
     return short - 8 * per_token, per_token
 
 
+def decode_step_seconds(model, rows: list[int], width: int = 64) -> list[float]:
+    """Seconds of one decode step (a growing cache of ``width`` tokens) per batch size."""
+    out = []
+    with torch.no_grad():
+        for n in rows:
+            cache = DynamicCache(config=model.config)
+            model(input_ids=torch.full((n, width), 100), cache=cache, logits_to_keep=1)
+            times = []
+            for _ in range(4):
+                start = time.perf_counter()
+                model(input_ids=torch.full((n, 1), 100), cache=cache)
+                times.append(time.perf_counter() - start)
+            out.append(sorted(times[1:])[1])
+    return out
+
+
+def modelled_turns(model, batch: TensorDictBase) -> tuple[float, float]:
+    """Decode time of the collector batch's replies, modelled from measured step times:
+    ``(lock-step turns, per-environment turns)``. Lock-step: each turn decodes until its
+    longest reply ends, its batch shrinking as replies end. Per-environment turns: each
+    environment's replies follow one another without waiting for the others, so the batch
+    holds every environment still playing (prefills and env steps left out of both)."""
+    lengths = [len(r) for r in batch.get(("tokens", "response"), as_list=True)]
+    steps, trajs = batch["step"].reshape(-1).tolist(), batch["traj_id"].reshape(-1).tolist()
+    per_turn: dict[int, list[int]] = {}
+    per_env: dict[int, int] = {}
+    for step, traj, n in zip(steps, trajs, lengths, strict=True):
+        per_turn.setdefault(step, []).append(n)
+        per_env[traj] = per_env.get(traj, 0) + n
+    sizes = [1 << k for k in range(len(per_env).bit_length() + 1)]
+    times = decode_step_seconds(model, sizes)
+
+    def step(n: int) -> float:
+        return float(np.interp(n, sizes, times)) if n else 0.0
+
+    lock = sum(
+        step(sum(n > t for n in turn)) for turn in per_turn.values() for t in range(max(turn))
+    )
+    totals = list(per_env.values())
+    free = sum(step(sum(n > t for n in totals)) for t in range(max(totals)))
+    return lock, free
+
+
 def prefill_tokens(token_batches, device: str) -> dict[str, int]:
     """Prompt tokens each way prefills, summed over the batches (counted, not timed)."""
     counts = dict.fromkeys(
@@ -165,10 +210,9 @@ def prefill_tokens(token_batches, device: str) -> dict[str, int]:
         common = common if common >= prefill.MIN_SHARED_RUN else 0
         counts["one shared prefix"] += common + len(unique) * max(len(p) - common for p in unique)
         # sample_replies: the prefix tree's runs in left-padded forward calls, level by level
-        tree = prefix_tree([p.tolist() for p in unique], prefill.MIN_SHARED_RUN)
-        tokens, calls = encoded_tokens(tree, prefill.CALL_TOKENS.get(device, float("inf")))
-        counts["sampler"] += tokens
-        counts["sampler calls"] += calls
+        nodes, calls = prefill.plan([p.tolist() for p in unique], device)
+        counts["sampler"] += encoded_tokens(nodes, calls)
+        counts["sampler calls"] += len(calls)
     return counts
 
 
@@ -504,7 +548,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     print(f"{'':40} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'replies/s':>9}")
     for label, tokens, seconds in (
         ("lock-step model.generate (first wave)", old_tokens, old_s),
-        ("sample_replies (shared prefill)", new_tokens, new_s),
+        ("sample_replies (prefix-tree prefill)", new_tokens, new_s),
         *graph_rows,
         *cb_rows,
         ("GroupCollector (sample_replies + envs)", ours_tokens, ours_s),
@@ -526,7 +570,8 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     print(
         f"one forward call: {fixed * 1000:.1f} ms + {per_token * 1000:.3f} ms per prompt token "
         f"(the cost of {fixed / per_token:.0f} tokens; prefill.CALL_TOKENS "
-        f"{prefill.CALL_TOKENS.get(model.device.type, float('inf'))})"
+        f"{prefill.CALL_TOKENS.get(model.device.type, float('inf'))}, MAX_LEVELS "
+        f"{prefill.MAX_LEVELS.get(model.device.type, 2)})"
     )
     flat = [n for batch in reply_lengths for n in batch]
     waits = sum(len(b) * max(b) for b in reply_lengths)
@@ -537,6 +582,12 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         f" rows x step max {waits} vs {sum(flat)} generated ({1 - sum(flat) / waits:.0%} lock-step"
         " idle slots)"
     )
+    if model.device.type == "cpu":  # a graphed GPU step costs its bucket, whatever the rows
+        lock, free = modelled_turns(model, batch)
+        print(
+            f"decode time modelled from measured step times: lock-step turns {lock:.2f}s, "
+            f"per-environment turns {free:.2f}s ({lock / free:.2f}x)"
+        )
     overhead = (new_tokens / new_s) / (ours_tokens / ours_s)
     print(f"collector overhead (sampler tok/s / collector tok/s): {overhead:.2f}x")
     print(

@@ -6,7 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model, prefill
-from gigpo_torchrl.policy.prefill import PrefixNode, prefill_prompts, prefix_tree, schedule
+from gigpo_torchrl.policy.prefill import (
+    PrefixNode,
+    flatten,
+    plan,
+    prefill_prompts,
+    prefix_tree,
+    schedule,
+)
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
 
 
@@ -45,6 +52,37 @@ def test_tree_of_nested_prompts_by_hand():
     ]
 
 
+def test_flatten_keeps_the_top_levels_and_gives_every_deeper_prompt_one_run():
+    system = list(range(100, 110))
+    group_a = system + list(range(200, 209))
+    prompts = [group_a + [1, 2], group_a + [3], system + [4, 5, 6], system]
+    nodes = prefix_tree(prompts, min_run=8)
+    # two levels: the system run, then each prompt's rest (group a's run in both of its)
+    assert shape(flatten(nodes, 2)) == [
+        (0, 10, -1, 3, 0),
+        (10, 21, 0, 0, 1),
+        (10, 20, 0, 1, 1),
+        (10, 13, 0, 2, 1),
+    ]
+    assert shape(flatten(nodes, 1)) == [(0, 10, -1, 3, 0), (0, 21, -1, 0, 0), (0, 20, -1, 1, 0)] + [
+        (0, 13, -1, 2, 0)
+    ]
+    assert shape(flatten(nodes, 3)) == shape(nodes)
+    with pytest.raises(ValueError, match="levels=0"):
+        flatten(nodes, 0)
+
+
+def test_plan_by_device_type():
+    system = list(range(100, 110))
+    prompts = [system + list(range(200, 209)) + [1], system + list(range(200, 209)) + [2]]
+    prompts.append(system + [3])
+    cpu_nodes, cpu_calls = plan(prompts, "cpu")  # the whole tree
+    assert max(n.level for n in cpu_nodes) == 2
+    cuda_nodes, cuda_calls = plan(prompts, "cuda")  # the shared prefix, then the rest
+    assert max(n.level for n in cuda_nodes) == 1
+    assert [len(c) for c in cuda_calls] == [1, 3]
+
+
 def test_prompts_that_differ_from_the_first_token_are_roots():
     assert shape(prefix_tree([[1, 2, 3], [4, 5]])) == [(0, 3, -1, 0, 0), (0, 2, -1, 1, 0)]
     assert shape(prefix_tree([[7]])) == [(0, 1, -1, 0, 0)]
@@ -62,9 +100,12 @@ prompt_sets = st.lists(
 
 
 @settings(max_examples=200, deadline=None)
-@given(prompts=prompt_sets, min_run=st.integers(1, 4))
-def test_each_prompt_is_the_runs_of_its_chain(prompts, min_run):
+@given(prompts=prompt_sets, min_run=st.integers(1, 4), levels=st.sampled_from([None, 1, 2, 3]))
+def test_each_prompt_is_the_runs_of_its_chain(prompts, min_run, levels):
     nodes = prefix_tree(prompts, min_run=min_run)
+    if levels is not None:
+        nodes = flatten(nodes, levels)
+        assert all(n.level < levels for n in nodes)
     assert sorted(n.terminal for n in nodes if n.terminal != -1) == list(range(len(prompts)))
     for node in nodes:
         assert node.start < node.end
@@ -108,8 +149,10 @@ def nested_prompts(tokenizer):
     return [torch.tensor(tokenizer.encode(t)) for t in texts]
 
 
-def test_prefill_equals_each_prompt_encoded_alone(tiny):
+@pytest.mark.parametrize("levels", [None, 2, 1], ids=["tree", "two-levels", "flat"])
+def test_prefill_equals_each_prompt_encoded_alone(tiny, monkeypatch, levels):
     tokenizer, model = tiny
+    monkeypatch.setitem(prefill.MAX_LEVELS, "cpu", levels)
     prompts = nested_prompts(tokenizer)
     cache, mask, logits = prefill_prompts(
         model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache"

@@ -12,6 +12,7 @@ masked out), and the logits after its last token.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -145,18 +146,55 @@ def schedule(nodes: Sequence[PrefixNode], call_tokens: float) -> list[list[int]]
     return calls
 
 
-def encoded_tokens(nodes: Sequence[PrefixNode], call_tokens: float) -> tuple[int, int]:
-    """``(tokens, calls)``: the padded tokens and the forward calls that :func:`schedule`
-    makes for ``nodes``."""
-    calls = schedule(nodes, call_tokens)
-    width = [max(nodes[i].end - nodes[i].start for i in call) for call in calls]
-    return sum(len(call) * w for call, w in zip(calls, width, strict=True)), len(calls)
+def flatten(nodes: Sequence[PrefixNode], levels: int) -> list[PrefixNode]:
+    """The tree cut to ``levels`` levels (at least 1): a prompt that ends deeper gets one
+    run from the end of its ancestor on the last kept level above (from its start for
+    ``levels=1``), and the shared runs in between are encoded in each prompt's run."""
+    if levels < 1:
+        raise ValueError(f"levels={levels!r} must be at least 1")
+    out: list[PrefixNode] = []
+    new_index: dict[int, int] = {}
+    for i, node in enumerate(nodes):
+        if node.level < levels - 1:
+            new_index[i] = len(out)
+            out.append(dataclasses.replace(node, parent=new_index.get(node.parent, -1)))
+        elif node.terminal != -1:
+            anchor = node.parent
+            while anchor != -1 and nodes[anchor].level >= levels - 1:
+                anchor = nodes[anchor].parent
+            start = nodes[anchor].end if anchor != -1 else 0
+            level = nodes[anchor].level + 1 if anchor != -1 else 0
+            parent = new_index.get(anchor, -1)
+            out.append(PrefixNode(start, node.end, node.terminal, parent, node.terminal, level))
+    return out
+
+
+def plan(
+    prompts: Sequence[Sequence[int]], device_type: str
+) -> tuple[list[PrefixNode], list[list[int]]]:
+    """The prefix tree of distinct prompts as encoded on a device of ``device_type``, and
+    its forward calls (:func:`schedule`): see :data:`CALL_TOKENS` and :data:`MAX_LEVELS`."""
+    nodes = prefix_tree(prompts, MIN_SHARED_RUN)
+    levels = MAX_LEVELS.get(device_type, 2)
+    if levels is not None:
+        nodes = flatten(nodes, levels)
+    return nodes, schedule(nodes, CALL_TOKENS.get(device_type, float("inf")))
+
+
+def encoded_tokens(nodes: Sequence[PrefixNode], calls: Sequence[Sequence[int]]) -> int:
+    """The tokens ``calls`` encode, padding included."""
+    return sum(len(call) * max(nodes[i].end - nodes[i].start for i in call) for call in calls)
 
 
 # What one more forward call costs, in prompt tokens, by device type: on 2 CPU cores a
 # SmolLM2-135M forward costs about 35 ms plus 1.2 ms per token (benchmarks/bench_rollout.py
 # prints it). Elsewhere, unmeasured: one call per level.
 CALL_TOKENS = {"cpu": 32.0}
+# How many levels of the tree are encoded separately, by device type (None: all; 2
+# elsewhere). On a GPU a forward call's host time was most of a prefill's (154 ms of host
+# time for 49 ms of kernels per turn, profiled on an H200): there the prefill stays the one
+# measured, the prefix all prompts share and then the rest of every prompt in one call.
+MAX_LEVELS: dict[str, int | None] = {"cpu": None}
 
 
 class _Encoded:
@@ -217,9 +255,9 @@ def prefill_prompts(
     """
     device = next(model.parameters()).device
     seqs = [p.tolist() for p in prompts]
-    nodes = prefix_tree(seqs, MIN_SHARED_RUN)
+    nodes, calls = plan(seqs, device.type)
     encoded = _Encoded()
-    for call in schedule(nodes, CALL_TOKENS.get(device.type, float("inf"))):
+    for call in calls:
         runs = [torch.as_tensor(seqs[nodes[i].member][nodes[i].start : nodes[i].end]) for i in call]
         ids, mask = _left_padded(runs, pad_id)
         ids, mask = ids.to(device), mask.to(device)

@@ -1,13 +1,15 @@
-"""Batched reply sampling with a KV cache: identical prompts prefilled once, finished rows dropped.
+"""Batched reply sampling with a KV cache: shared prompt text prefilled once, finished rows dropped.
 
 Used by :class:`~gigpo_torchrl.policy.LLMPolicy` instead of ``model.generate`` because an
 agent's step batch is full of repeated text — the N trajectories of a group standing in the
-same state see the same prompt (exactly GIGPO's anchor states), and every prompt starts
-with the same system prompt and task — and ``generate`` would prefill every copy. Here the
-prefix common to all prompts is prefilled once, then each distinct prompt's remainder once,
-and the cache rows are copied for the replies that follow; a reply that reached eos leaves
-the batch, so no compute is spent decoding past it (on a CUDA device the decode steps
-replay a CUDA graph of a fixed shape instead: see :mod:`~gigpo_torchrl.policy.decoding`).
+same state see the same prompt (exactly GIGPO's anchor states), every prompt starts with
+the same system prompt, and the attempts of a group share their task and first
+observations — and ``generate`` would prefill every copy. Here each distinct prompt is
+prefilled once, over the prefix tree of the distinct prompts (a run of tokens several of
+them share is encoded once: :mod:`~gigpo_torchrl.policy.prefill`), and the cache rows are
+copied for the replies that follow; a reply that reached eos leaves the batch, so no
+compute is spent decoding past it (on a CUDA device the decode steps replay a CUDA graph of
+a fixed shape instead: see :mod:`~gigpo_torchrl.policy.decoding`).
 Every reply token's log-prob comes from the raw (untempered) logits that sampled it: the
 teacher-forced log-prob of that token.
 """

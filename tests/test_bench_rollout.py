@@ -1,0 +1,49 @@
+"""benchmarks/bench_rollout.py: its counts by hand, and the tiny configuration end to end."""
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_rollout", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prefill_counts_by_hand(bench):
+    system = [1] * 10
+    a, b = torch.tensor(system + [2, 3]), torch.tensor(system + [4])
+    counts = bench.prefill_tokens([[a, b, a]], "cpu")
+    assert counts["lock-step (padded)"] == 3 * 12
+    assert counts["every prompt"] == 12 + 11 + 12
+    assert counts["distinct prompts"] == 12 + 11
+    # the shared 10 once, then both remainders padded to 2
+    assert counts["one shared prefix"] == 10 + 2 * 2
+    # the tree: the shared run, then both branches in one call (padding 1 < a call's cost)
+    assert (counts["sampler"], counts["sampler calls"]) == (10 + 2 * 2, 2)
+
+
+@pytest.mark.slow
+def test_tiny_configuration_runs_and_prints_its_ratios():
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", "tiny", "--env", "lake-walk", "--groups", "2"]
+        + ["--generations", "2", "--max-steps", "2", "--max-new-tokens", "4", "--no-cb"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    assert "sample_replies (prefix-tree prefill)" in out
+    assert "no shared runs" in out
+    assert re.search(r"per-environment turns [\d.]+s \([\d.]+x\)", out)
+    assert re.search(r"^rollout speed-up: [\d.]+x$", out, re.MULTILINE)
