@@ -125,7 +125,7 @@ def call_cost(model) -> tuple[float, float]:
     device = next(model.parameters()).device
 
     def seconds(n: int) -> float:
-        ids = torch.full((1, n), 100, device=device)
+        ids = torch.full((1, n), model.config.vocab_size // 2, device=device)
         times = []
         for _ in range(4):
             start = time.perf_counter()
@@ -147,11 +147,12 @@ def decode_step_seconds(model, rows: list[int], width: int = 64) -> list[float]:
     with torch.no_grad():
         for n in rows:
             cache = DynamicCache(config=model.config)
-            model(input_ids=torch.full((n, width), 100), cache=cache, logits_to_keep=1)
+            token = model.config.vocab_size // 2  # any id the model knows
+            model(input_ids=torch.full((n, width), token), cache=cache, logits_to_keep=1)
             times = []
             for _ in range(4):
                 start = time.perf_counter()
-                model(input_ids=torch.full((n, 1), 100), cache=cache)
+                model(input_ids=torch.full((n, 1), token), cache=cache)
                 times.append(time.perf_counter() - start)
             out.append(sorted(times[1:])[1])
     return out
