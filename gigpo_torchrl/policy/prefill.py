@@ -4,10 +4,14 @@ An agent's prompts share text at several depths: the system prompt and task open
 prompt, the N attempts of a group read the same task and, for their first steps, the same
 observations, and attempts standing in the same state read the same prompt. The distinct
 prompts of a batch are laid out as a compressed prefix tree (each node holds a run of
-tokens that all prompts below it share); the nodes are encoded level by level, one batched
-forward per level, each node's rows continuing a copy of its parent's cache. The result is
-one cache row per distinct prompt, as if each had been encoded alone (left-padded holes
-masked out), and the logits after its last token.
+tokens that all prompts below it share); the nodes are encoded level by level in batched
+forward calls, each node's rows continuing a copy of its parent's cache. The result is one
+cache row per distinct prompt, as if each had been encoded alone (left-padded holes masked
+out), and the logits after its last token.
+
+How the tree is encoded depends on what a forward call costs (:func:`plan`): on a CPU every
+level, split into calls of similar run lengths where padding would cost more than a call;
+on a GPU, where a call's host time dominated a prefill, the tree cut to two levels.
 """
 
 from __future__ import annotations
@@ -261,8 +265,9 @@ def prefill_prompts(
         runs = [torch.as_tensor(seqs[nodes[i].member][nodes[i].start : nodes[i].end]) for i in call]
         ids, mask = _left_padded(runs, pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        cache = DynamicCache(config=model.config)
-        if nodes[call[0]].parent != -1:  # a level's calls are all roots or all children
+        if nodes[call[0]].parent == -1:  # a level's calls are all roots or all children
+            cache = DynamicCache(config=model.config)
+        else:
             past_kv, past_mask, _ = encoded.gather([nodes[i].parent for i in call])
             cache = DynamicCache(ddp_cache_data=past_kv, config=model.config)
             mask = torch.cat([past_mask, mask], 1)
