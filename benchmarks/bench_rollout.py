@@ -476,6 +476,11 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         with sdpa_kernel(others):
             variant("  SDPA without cuDNN attention")
+        # the whole prefix tree, as on a CPU, against the two levels kept on a GPU
+        levels = prefill.MAX_LEVELS.get("cuda", 2)
+        prefill.MAX_LEVELS["cuda"] = None
+        variant("  prefill over the whole prefix tree")
+        prefill.MAX_LEVELS["cuda"] = levels
         if args.compile_decode:
             start = time.perf_counter()
             variant("  graphs + torch.compile (compiling)", compile_decode=True)
