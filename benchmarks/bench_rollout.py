@@ -2,14 +2,15 @@
 
 1. One batch of episode groups is collected; every batch of prompts the collector sends to
    the policy is recorded. This first batch also pays the warm-ups (on a GPU: kernel
-   choices and CUDA graph captures), so the collector is timed again on its next batch.
+   choices and CUDA graph captures), so the collector is timed again on the same batch
+   (its task sampler's state restored, same seed).
 2. The same prompt batches are generated again, same sampling settings and seed, two ways:
    the first wave's lock-step ``model.generate`` (left-padded, every prompt prefilled, every
    row decoded until the call ends, logits kept for the behaviour log-probs), and
    :func:`~gigpo_torchrl.policy.sampling.sample_replies` (each distinct prompt prefilled
    once over the prefix tree of a turn's prompts, finished replies leave the batch). The
-   ratio of their token rates is the rollout speed-up; the collector's own rate (next
-   batch) against the sampler's shows its overhead (prompts, parsing, env steps). Rows of
+   ratio of their token rates is the rollout speed-up; the collector's own rate (second
+   time) against the sampler's shows its overhead (prompts, parsing, env steps). Rows of
    the sampler with one part changed show what each part is worth; on CUDA, one row puts
    the leads for a faster GPU turn together, and a line names the fastest sampler row.
 3. A third contender, transformers' continuous batching (``init_continuous_batching``: a
@@ -434,6 +435,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         seed=0,
         env_kwargs=args.env_kwargs,
     )
+    start_state = collector.state_dict()
     torch.manual_seed(0)
     start = time.perf_counter()
     batch = collector.collect()  # records the prompt batches every other row replays
@@ -441,8 +443,8 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     stats = collector.stats
     first_tokens = stats["tokens_generated"]
     # the first batch pays the warm-ups (on a GPU: kernel choices, CUDA graph captures),
-    # which the rows below then find done: the collector is compared on its next batch
-    ours_tokens, ours_s = next_batch(collector, policy)
+    # which the rows below then find done: the collector is timed again on the same batch
+    ours_tokens, ours_s = replay_batch(collector, policy, start_state)
 
     torch.manual_seed(0)
     old_tokens, old_s = lock_step_generate(
@@ -504,7 +506,9 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         if args.compile_decode:
             default = policy.sampling
             policy.sampling = dataclasses.replace(default, compile_decode=True)
-            collector_rows.append(("GroupCollector, compiled", *next_batch(collector, policy)))
+            collector_rows.append(
+                ("GroupCollector, compiled", *replay_batch(collector, policy, start_state))
+            )
             policy.sampling = default
     token_batches = [policy.encode(prompts) for prompts in policy.prompt_batches]
     cb_rows, cb_lines = [], []
@@ -625,10 +629,14 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     print(f"rollout speed-up: {(new_tokens / new_s) / (old_tokens / old_s):.2f}x")
 
 
-def next_batch(collector: GroupCollector, policy: RecordingPolicy) -> tuple[int, float]:
-    """``(tokens, seconds)`` of one more collector batch (its prompts are not recorded)."""
+def replay_batch(
+    collector: GroupCollector, policy: RecordingPolicy, state: dict
+) -> tuple[int, float]:
+    """``(tokens, seconds)`` of the collector's batch collected again from ``state`` (its
+    tasks) and seed 0 (its samples): the same batch, warm (its prompts are not recorded)."""
     recorded = len(policy.prompt_batches)
-    torch.manual_seed(1)
+    collector.load_state_dict(state)
+    torch.manual_seed(0)
     start = time.perf_counter()
     collector.collect()
     seconds = time.perf_counter() - start

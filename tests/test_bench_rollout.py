@@ -45,5 +45,10 @@ def test_tiny_configuration_runs_and_prints_its_ratios():
     ).stdout
     assert "sample_replies (prefix-tree prefill)" in out
     assert "no shared runs" in out
+    # the collector's second, warm run replays its first batch: the same replies
+    first = re.search(r"^GroupCollector, first batch \(warm-ups\)\s+(\d+)", out, re.MULTILINE)
+    again = re.search(r"^GroupCollector \(sample_replies \+ envs\)\s+(\d+)", out, re.MULTILINE)
+    assert first and again and first.group(1) == again.group(1)
+    assert re.search(r"^fastest sampler: .+, [\d.]+x lock-step$", out, re.MULTILINE)
     assert re.search(r"per-environment turns [\d.]+s \([\d.]+x\)", out)
     assert re.search(r"^rollout speed-up: [\d.]+x$", out, re.MULTILINE)
