@@ -1,10 +1,13 @@
-"""The static-cache decoder (a CUDA graph on a GPU) across calls, buckets and weight updates."""
+"""The decoders: the static cache (a CUDA graph on a GPU) across calls, buckets and weight
+updates; the growing cache against transformers' own ``DynamicCache``."""
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from gigpo_torchrl.policy import decoding, make_char_tokenizer, make_tiny_model
-from gigpo_torchrl.policy.decoding import LENGTH_BUCKET
+from gigpo_torchrl.policy.decoding import LENGTH_BUCKET, DynamicDecoder
+from gigpo_torchrl.policy.prefill import prefill_prompts
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
 
 
@@ -113,3 +116,50 @@ def test_the_cache_grows_by_half_again_so_growing_prompts_rarely_reallocate():
     assert grown is not first and (first.length, grown.length) == (1024, 1536)
     check(model, tokenizer, ["c" * 1400, "d"])  # fits: same storage, nothing reallocated
     assert decoding._STORES[model] is grown
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [("short", "a longer prompt", "mid one"), ("same", "size", "four")],
+    ids=["padded", "unpadded"],
+)
+def test_growing_cache_steps_as_a_concatenating_dynamic_cache(monkeypatch, texts):
+    """Room for 2 steps at first, so 9 steps must grow the storage; a duplicated prompt row,
+    a row dropped before the first step and one after the fourth. The reference steps
+    transformers' ``DynamicCache`` (which concatenates) with a 2-D mask, as the decoder did
+    before it kept room."""
+    monkeypatch.setattr(decoding, "INITIAL_ROOM", 2)
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model(tokenizer, seed=5)
+    prompts = [torch.tensor(tokenizer.encode(t)) for t in texts]
+    pad_id = tokenizer.pad_token_id
+    cache, mask, _ = prefill_prompts(model, prompts, pad_id=pad_id, cache_keyword="cache")
+    rows = torch.tensor([0, 1, 1, 2, 0])
+    decoder = DynamicDecoder(model, cache, rows, mask[rows], 9, "cache")
+    ref_cache = DynamicCache(
+        ddp_cache_data=[(layer.keys[rows], layer.values[rows]) for layer in cache.layers],
+        config=model.config,
+    )
+    ref_mask = mask[rows]
+    # with left padding, the same numbers (seeded runs unchanged); without it transformers
+    # drops the mask and attention takes another kernel path: float rounding apart
+    atol = 0.0 if (mask == 0).any() else 1e-5
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for drop in [4, None, None, None, 1, None, None, None, None]:
+            if drop is not None:  # that reply ended: its row leaves
+                keep = torch.tensor([i for i in range(len(ref_mask)) if i != drop])
+                decoder.keep(keep)
+                ref_cache.reorder_cache(keep)
+                ref_mask = ref_mask[keep]
+            token = torch.randint(4, len(tokenizer), (len(ref_mask),), generator=generator)
+            logits = decoder.step(token)
+            ref_mask = torch.cat([ref_mask, torch.ones_like(ref_mask[:, :1])], 1)
+            expected = model(
+                input_ids=token[:, None],
+                attention_mask=ref_mask,
+                position_ids=ref_mask.sum(-1, keepdim=True) - 1,
+                cache=ref_cache,
+            ).logits[:, -1]
+            torch.testing.assert_close(logits, expected, atol=atol, rtol=0)
+    assert decoder.kv.keys[0].shape[2] == mask.shape[1] + 9  # grown to the limit, no further

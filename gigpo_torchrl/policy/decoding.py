@@ -3,9 +3,9 @@ prefill: one new token per active reply per step, returning the logits of the ne
 
 Two ways, one interface (``keep`` the rows still active, ``step`` with their tokens):
 
-- :class:`DynamicDecoder` grows a transformers ``DynamicCache`` and drops the rows of finished
-  replies, so no compute is spent on them. Used on the CPU, where a step's cost is its
-  arithmetic.
+- :class:`DynamicDecoder` writes each step into room kept after the prompts' cache and
+  drops the rows of finished replies, so no compute is spent on them. Used on the CPU,
+  where a step's cost is its arithmetic.
 - :class:`StaticDecoder` writes into a preallocated cache of a fixed shape (batch and length
   rounded up to buckets) and, on a CUDA device, replays the step as a captured CUDA graph.
   A small model's decode step on a GPU is bound by launching its kernels (about 1,500 at
@@ -37,36 +37,109 @@ SHADOW_WEIGHTS = True
 MIN_BATCH_BUCKET = 8
 LENGTH_BUCKET = 128
 
+# Decode steps a DynamicDecoder makes room for at first (more as replies grow).
+INITIAL_ROOM = 64
+
 
 class DynamicDecoder:
-    """Decode steps on a ``DynamicCache`` holding one row per active reply.
+    """Decode steps on a cache holding one row per active reply, each step's keys and
+    values written in place into storage with room for the next steps (a ``DynamicCache``
+    concatenates, copying the whole cache at every step: on a CPU at 64 rows of 360 tokens
+    that took longer than the step's attention). The room grows by half again when used
+    up (up to ``max_new_tokens`` steps), so a long limit costs no memory until replies
+    reach it. The rows of finished replies are dropped, so no compute is spent on them.
 
     Args:
         model: the causal LM that filled ``cache``.
-        cache: the prompts' cache, one row per reply.
-        mask: int64 ``[rows, width]``, 1 where a cached position is a real token.
+        cache: the prompts' transformers ``DynamicCache``, one row per distinct prompt.
+        rows: int64 ``[R]``: the ``cache`` row each reply continues.
+        mask: int64 ``[R, width]``, 1 where a cached position is a real token.
+        max_new_tokens: decode steps at most.
         cache_keyword: the model's name for the cache argument.
     """
 
-    def __init__(self, model: torch.nn.Module, cache, mask: Tensor, cache_keyword: str):
-        self.model, self.cache, self.mask, self.cache_keyword = model, cache, mask, cache_keyword
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache,
+        rows: Tensor,
+        mask: Tensor,
+        max_new_tokens: int,
+        cache_keyword: str,
+    ):
+        self.model, self.cache_keyword = model, cache_keyword
+        self.prompts, self.rows = cache, rows
+        count, self.width = mask.shape
+        self.limit = self.width + max_new_tokens
+        # made at the first step: replies forced to their end (one-token actions) never step
+        self.kv: GrowingKV | None = None
+        # [R, 1, 1, width + max_new_tokens] boolean: true where a row attends
+        self.attend = torch.zeros(count, 1, 1, self.limit, dtype=torch.bool, device=mask.device)
+        self.attend[:, 0, 0, : self.width] = mask.bool()
+        self.positions = mask.sum(-1, keepdim=True) - 1
 
     def keep(self, rows: Tensor) -> None:
         """Keep only the active rows at indices ``rows`` (int64, on the model's device)."""
-        self.cache.reorder_cache(rows)
-        self.mask = self.mask[rows]
+        if self.kv is None:
+            self.rows = self.rows[rows]
+        else:
+            self.kv.keys = [k[rows] for k in self.kv.keys]
+            self.kv.values = [v[rows] for v in self.kv.values]
+        self.attend, self.positions = self.attend[rows], self.positions[rows]
 
     def step(self, token: Tensor) -> Tensor:
         """Feed int64 ``[rows]`` tokens; return the float ``[rows, V]`` next-token logits."""
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        if self.kv is None:
+            room = min(self.limit, self.width + INITIAL_ROOM)
+            layers = self.prompts.layers
+            self.kv = GrowingKV(
+                [_widened(layer.keys[self.rows], room) for layer in layers],
+                [_widened(layer.values[self.rows], room) for layer in layers],
+                self.width,
+            )
+            self.prompts = None
+        end = self.kv.length + 1
+        if end > self.kv.keys[0].shape[2]:
+            room = min(self.limit, end + self.kv.length // 2)
+            self.kv.keys = [_widened(k[:, :, : self.kv.length], room) for k in self.kv.keys]
+            self.kv.values = [_widened(v[:, :, : self.kv.length], room) for v in self.kv.values]
+        self.attend[:, 0, 0, end - 1] = True
+        self.positions = self.positions + 1
         out = self.model(
             input_ids=token[:, None],
-            attention_mask=self.mask,
-            position_ids=self.mask.sum(-1, keepdim=True) - 1,
+            attention_mask=self.attend[..., :end],
+            position_ids=self.positions,
             use_cache=True,
-            **{self.cache_keyword: self.cache},
+            **{self.cache_keyword: self.kv},
         )
+        self.kv.length = end
         return out.logits[:, -1].float()
+
+
+def _widened(filled: Tensor, length: int) -> Tensor:
+    """``filled`` ``[B, H, n, D]`` copied into the first ``n`` positions of a new
+    ``[B, H, length, D]`` tensor (the rest uninitialised)."""
+    out = filled.new_empty(*filled.shape[:2], length, filled.shape[3])
+    out[:, :, : filled.shape[2]] = filled
+    return out
+
+
+class GrowingKV:
+    """The cache a transformers attention layer writes to through ``update``: per layer,
+    keys and values ``[B, H, capacity, D]`` of which the first ``length`` positions are
+    filled; a step's keys and values go in at ``length`` and attention reads the positions
+    up to them (``length`` moves on once every layer has written: see
+    :class:`DynamicDecoder`)."""
+
+    def __init__(self, keys: list[Tensor], values: list[Tensor], length: int):
+        self.keys, self.values, self.length = keys, values, length
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        end = self.length + key_states.shape[2]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:, :, self.length : end] = key_states
+        values[:, :, self.length : end] = value_states
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class StaticKV:

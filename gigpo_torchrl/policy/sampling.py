@@ -145,8 +145,9 @@ def sample_replies(
                 compile=settings.compile_decode,
             )
         else:
-            cache.reorder_cache(rows)
-            decoder = DynamicDecoder(model, cache, mask[rows], cache_keyword)
+            decoder = DynamicDecoder(
+                model, cache, rows, mask[rows], settings.max_new_tokens, cache_keyword
+            )
 
     count = len(prompts)
     tokens = torch.zeros(count, settings.max_new_tokens, dtype=torch.long)
