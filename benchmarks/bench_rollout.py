@@ -53,6 +53,7 @@ from transformers import DynamicCache
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, decoding, load_model, prefill
 from gigpo_torchrl.policy.actor import action_choices, read_actions
+from gigpo_torchrl.policy.decoding import DynamicDecoder
 from gigpo_torchrl.policy.prefill import encoded_tokens
 from gigpo_torchrl.policy.sampling import continuing
 
@@ -144,24 +145,33 @@ def call_cost(model) -> tuple[float, float]:
     return short - 8 * per_token, per_token
 
 
-def decode_step_seconds(model, rows: list[int], width: int = 64) -> list[float]:
-    """Seconds of one decode step (a growing cache of ``width`` tokens) per batch size."""
+def decode_step_seconds(model, rows: list[int], width: int, concatenating=False) -> list[float]:
+    """Seconds of one decode step after ``width`` cached tokens, per batch size: through the
+    sampler's CPU decoder (in place, into room kept after the cache), or (``concatenating``)
+    a transformers ``DynamicCache``, which copies the whole cache at every step."""
     out = []
+    token = model.config.vocab_size // 2  # any id the model knows
     with torch.no_grad():
         for n in rows:
             cache = DynamicCache(config=model.config)
-            token = model.config.vocab_size // 2  # any id the model knows
             model(input_ids=torch.full((n, width), token), cache=cache, logits_to_keep=1)
+            ids, mask = torch.full((n,), token), torch.ones(n, width, dtype=torch.long)
+            decoder = DynamicDecoder(model, cache, torch.arange(n), mask, 4, "cache")
             times = []
             for _ in range(4):
                 start = time.perf_counter()
-                model(input_ids=torch.full((n, 1), token), cache=cache)
+                if concatenating:
+                    mask = torch.cat([mask, mask[:, :1]], 1)
+                    positions = mask.sum(-1, keepdim=True) - 1
+                    model(ids[:, None], attention_mask=mask, position_ids=positions, cache=cache)
+                else:
+                    decoder.step(ids)
                 times.append(time.perf_counter() - start)
             out.append(sorted(times[1:])[1])
     return out
 
 
-def modelled_turns(model, batch: TensorDictBase) -> tuple[float, float]:
+def modelled_turns(model, batch: TensorDictBase, width: int) -> tuple[float, float]:
     """Decode time of the collector batch's replies, modelled from measured step times:
     ``(lock-step turns, per-environment turns)``. Lock-step: each turn decodes until its
     longest reply ends, its batch shrinking as replies end. Per-environment turns: each
@@ -175,7 +185,7 @@ def modelled_turns(model, batch: TensorDictBase) -> tuple[float, float]:
         per_turn.setdefault(step, []).append(n)
         per_env[traj] = per_env.get(traj, 0) + n
     sizes = [1 << k for k in range(len(per_env).bit_length() + 1)]
-    times = decode_step_seconds(model, sizes)
+    times = decode_step_seconds(model, sizes, width)
 
     def step(n: int) -> float:
         return float(np.interp(n, sizes, times)) if n else 0.0
@@ -601,10 +611,22 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         " idle slots)"
     )
     if model.device.type == "cpu":  # a graphed GPU step costs its bucket, whatever the rows
-        lock, free = modelled_turns(model, batch)
+        width = int(np.median([len(p) for b in token_batches for p in b]))
+        lock, free = modelled_turns(model, batch, width)
         print(
-            f"decode time modelled from measured step times: lock-step turns {lock:.2f}s, "
-            f"per-environment turns {free:.2f}s ({lock / free:.2f}x)"
+            f"decode time modelled from measured step times (after {width} tokens, the median "
+            f"prompt): lock-step turns {lock:.2f}s, per-environment turns {free:.2f}s "
+            f"({lock / free:.2f}x)"
+        )
+        rows = args.groups * args.generations
+        kept, concatenated = (
+            decode_step_seconds(model, [rows], width, concatenating)[0]
+            for concatenating in (False, True)
+        )
+        print(
+            f"decode step at {rows} rows after {width} tokens: concatenating DynamicCache "
+            f"{concatenated * 1000:.0f} ms, the sampler's decoder {kept * 1000:.0f} ms "
+            f"({concatenated / kept:.2f}x)"
         )
     overhead = (new_tokens / new_s) / (ours_tokens / ours_s)
     print(f"collector overhead (sampler tok/s / collector tok/s): {overhead:.2f}x")

@@ -51,4 +51,5 @@ def test_tiny_configuration_runs_and_prints_its_ratios():
     assert first and again and first.group(1) == again.group(1)
     assert re.search(r"^fastest sampler: .+, [\d.]+x lock-step$", out, re.MULTILINE)
     assert re.search(r"per-environment turns [\d.]+s \([\d.]+x\)", out)
+    assert re.search(r"concatenating DynamicCache \d+ ms, the sampler's decoder \d+ ms", out)
     assert re.search(r"^rollout speed-up: [\d.]+x$", out, re.MULTILINE)
