@@ -27,6 +27,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from gigpo_torchrl.policy.masks import for_attention
+
 # Under autocast, decode with a copy of the linear layers' weights in autocast's dtype
 # (the casts autocast would make at every step, made once per call: the same numbers).
 # Benchmarks switch it off to measure it.
@@ -107,7 +109,7 @@ class DynamicDecoder:
         self.positions = self.positions + 1
         out = self.model(
             input_ids=token[:, None],
-            attention_mask=self.attend[..., :end],
+            attention_mask=for_attention(self.model.config, self.attend[..., :end]),
             position_ids=self.positions,
             use_cache=True,
             **{self.cache_keyword: self.kv},
@@ -260,7 +262,7 @@ def _decode_forward(model, cache_keyword, ids, attend, positions, kv, shadows) -
     of their parameters when given)."""
     inputs = dict(
         input_ids=ids,
-        attention_mask=attend,
+        attention_mask=for_attention(model.config, attend),
         position_ids=positions,
         use_cache=True,
         **{cache_keyword: kv},

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gigpo_torchrl.policy.masks import for_attention
+
 
 @dataclass
 class PackedBatch:
@@ -315,20 +317,9 @@ def reply_log_probs(
                 f"models with {name} are not supported by packed scoring: their logits are "
                 "not the output embedding of the hidden state alone"
             )
-    attention = getattr(config, "_attn_implementation", "sdpa")
-    mask = packed.attention_mask
-    if attention == "eager":  # eager attention adds its mask to the scores
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
-            ~mask, torch.finfo(torch.float32).min
-        )
-    elif attention != "sdpa":
-        raise ValueError(
-            f"attention implementation {attention!r} does not take the packed 4D mask; "
-            "load the model with attn_implementation='sdpa' or 'eager'"
-        )
     hidden = model.get_decoder()(
         input_ids=packed.input_ids,
-        attention_mask=mask,
+        attention_mask=for_attention(config, packed.attention_mask),
         position_ids=packed.position_ids,
         use_cache=False,
     ).last_hidden_state
