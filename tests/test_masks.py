@@ -1,13 +1,15 @@
 """Own 4-D attention masks reach every attention implementation in the form it takes: the
 decoders and packed scoring give the teacher-forced log-probs with eager attention too
-(which adds its mask to the scores: a boolean mask there would mask nothing)."""
+(which adds its mask to the scores: a boolean mask there would mask nothing). Sequences
+that would reach past a sliding attention window (which such masks do not apply) are
+refused."""
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
 from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
-from gigpo_torchrl.policy.masks import for_attention
+from gigpo_torchrl.policy.masks import for_attention, sliding_window
 from gigpo_torchrl.policy.packing import pack_rows, reply_log_probs
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
 
@@ -71,3 +73,50 @@ def test_packed_scoring_equals_separate_forwards_with_eager_attention():
         [teacher_forced(model, p, r) for (p, _), r in zip(rows, replies, strict=True)]
     )
     torch.testing.assert_close(log_probs, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "options", "window"),
+    [
+        ("llama", {}, None),
+        ("qwen2", {}, None),  # use_sliding_window is off by default
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0}, 64),
+        ("mistral", {}, 4096),  # every layer, no layer_types
+        ("mistral", {"sliding_window": None}, None),
+        ("gemma3_text", {"sliding_window": 512}, 512),  # local layers among global ones
+    ],
+)
+def test_sliding_window_is_read_from_the_config(model_type, options, window):
+    assert sliding_window(AutoConfig.for_model(model_type, **options)) == window
+
+
+def windowed_tiny(window: int):
+    """The tiny model's shape with every layer attending through a sliding window."""
+    tokenizer = make_char_tokenizer()
+    shape = make_tiny_model(tokenizer).config.to_dict()
+    shape.update(use_sliding_window=True, sliding_window=window, max_window_layers=0)
+    shape.update(layer_types=None)  # recomputed from the three above
+    config = Qwen2Config(**shape)
+    assert set(config.layer_types) == {"sliding_attention"}
+    torch.manual_seed(8)
+    return tokenizer, Qwen2ForCausalLM(config).eval()
+
+
+def test_sampling_past_a_sliding_window_is_refused_and_within_it_is_exact():
+    tokenizer, model = windowed_tiny(window=24)
+    prompts = [torch.tensor(tokenizer.encode(t)) for t in ("sixteen chars!!!", "short")]
+    settings = SamplingSettings(max_new_tokens=9, temperature=1.0)
+    with pytest.raises(ValueError, match="window of 24 tokens"):
+        sample_replies(model, prompts, settings, pad_id=tokenizer.pad_token_id)
+    settings = SamplingSettings(max_new_tokens=8, temperature=1.0)  # 16 + 8 = 24: within
+    replies, log_probs, _ = sample_replies(model, prompts, settings, pad_id=tokenizer.pad_token_id)
+    for prompt, reply, lp in zip(prompts, replies, log_probs, strict=True):
+        torch.testing.assert_close(lp, teacher_forced(model, prompt, reply), atol=1e-4, rtol=0)
+
+
+def test_packed_scoring_past_a_sliding_window_is_refused():
+    tokenizer, model = windowed_tiny(window=12)
+    prompt = torch.tensor(tokenizer.encode("ten chars!"))
+    packed = pack_rows([prompt], [torch.tensor(tokenizer.encode("abc"))], max_sequence=512)
+    with pytest.raises(ValueError, match="up to 13 tokens"):
+        reply_log_probs(model, packed)

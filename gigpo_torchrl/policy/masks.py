@@ -3,7 +3,9 @@
 The sampler's decoders and the packed training forward build their own ``[B, 1, Q, K]``
 boolean masks (true where a query attends). transformers passes a 4-D mask to the
 attention function as it is: SDPA reads a boolean mask, but eager attention adds the mask
-to its scores, so a boolean one would mask nothing.
+to its scores, so a boolean one would mask nothing. Nor does transformers apply a sliding
+attention window to a mask it did not build, so sequences must stay within the window of
+a model that has one (:func:`check_window`).
 """
 
 from __future__ import annotations
@@ -31,3 +33,26 @@ def for_attention(config, mask: Tensor) -> Tensor:
         f"attention implementation {attention!r} does not take a 4-D attention mask; load "
         "the model with attn_implementation='sdpa' or 'eager'"
     )
+
+
+def sliding_window(config) -> int | None:
+    """The window of ``config``'s sliding-window attention layers, or None when it has none
+    (``sliding_window`` unset, or ``layer_types`` naming no ``sliding_attention`` layer)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def check_window(config, longest: int) -> None:
+    """Raise a ``ValueError`` when ``config`` has sliding-window layers and a sequence of
+    ``longest`` tokens would reach past their window: the masks given here span whole
+    sequences, so those layers would attend further than the model does."""
+    window = sliding_window(config)
+    if window is not None and longest > window:
+        raise ValueError(
+            f"sequences of up to {longest} tokens reach past the model's sliding attention "
+            f"window of {window} tokens (config.sliding_window), which the 4-D masks given to "
+            "it do not apply: keep prompts plus replies within the window"
+        )

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gigpo_torchrl.policy.masks import for_attention
+from gigpo_torchrl.policy.masks import check_window, for_attention
 
 
 @dataclass
@@ -317,6 +317,7 @@ def reply_log_probs(
                 f"models with {name} are not supported by packed scoring: their logits are "
                 "not the output embedding of the hidden state alone"
             )
+    check_window(config, int(packed.position_ids.max()) + 1)
     hidden = model.get_decoder()(
         input_ids=packed.input_ids,
         attention_mask=for_attention(config, packed.attention_mask),

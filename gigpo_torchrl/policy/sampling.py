@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from gigpo_torchrl.policy.decoding import DynamicDecoder, StaticDecoder
+from gigpo_torchrl.policy.masks import check_window
 from gigpo_torchrl.policy.prefill import prefill_prompts
 
 
@@ -120,8 +121,13 @@ def sample_replies(
 
     Returns:
         :class:`Replies`: the reply tokens, their log-probs and the allowed sets.
+
+    Raises:
+        ValueError: when a prompt plus ``max_new_tokens`` would reach past the model's
+            sliding attention window (see :func:`~gigpo_torchrl.policy.masks.check_window`).
     """
     device = next(model.parameters()).device
+    check_window(model.config, max(map(len, prompts), default=0) + settings.max_new_tokens)
     distinct: dict[tuple[int, ...], int] = {}
     source = [distinct.setdefault(tuple(p.tolist()), len(distinct)) for p in prompts]
     unique = [torch.as_tensor(p) for p in distinct]
