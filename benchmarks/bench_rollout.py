@@ -483,10 +483,6 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     prefill.MIN_SHARED_RUN = 1 << 30  # every run folded: each distinct prompt encoded whole
     variant("  no shared runs (distinct prompts whole)")
     prefill.MIN_SHARED_RUN = shared_run
-    if model.device.type in prefill.CALL_BYTES:
-        limit = prefill.CALL_BYTES.pop(model.device.type)
-        variant("  no row parts (each call whole)")
-        prefill.CALL_BYTES[model.device.type] = limit
     if model.device.type == "cuda":
         variant("sample_replies, no CUDA graphs", static_cache=False)
         decoding.SHADOW_WEIGHTS = False

@@ -45,7 +45,6 @@ def test_tiny_configuration_runs_and_prints_its_ratios():
     ).stdout
     assert "sample_replies (prefix-tree prefill)" in out
     assert "no shared runs" in out
-    assert "no row parts (each call whole)" in out
     # the collector's second, warm run replays its first batch: the same replies
     first = re.search(r"^GroupCollector, first batch \(warm-ups\)\s+(\d+)", out, re.MULTILINE)
     again = re.search(r"^GroupCollector \(sample_replies \+ envs\)\s+(\d+)", out, re.MULTILINE)

@@ -203,9 +203,9 @@ CALL_TOKENS = {"cpu": 32.0}
 MAX_LEVELS: dict[str, int | None] = {"cpu": None}
 # Bytes of a forward call's largest activation (an MLP's intermediate: its new tokens ×
 # intermediate_size float32 values) above which the call's rows are encoded in parts, by
-# device type. On a CPU, glibc maps blocks over 32 MiB afresh at every allocation and
-# faults them in page by page: a 32 × 250-token SmolLM2 forward faulted in 1.9M pages and
-# took 11.7 s in one call, against 0.4M and 10.3 s in four.
+# device type. On a CPU, glibc maps blocks over 32 MiB afresh at every
+# allocation and faults them in page by page: a 32 × 250-token SmolLM2 forward faulted in
+# 1.9M pages and took 11.7 s in one call, against 0.4M and 10.3 s in four.
 CALL_BYTES = {"cpu": 32 << 20}
 
 
