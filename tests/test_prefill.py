@@ -196,36 +196,6 @@ def test_shared_runs_are_encoded_once(tiny, monkeypatch, call_tokens):
     assert [tuple(x) for x in seen] == expected
 
 
-def test_calls_over_the_activation_limit_go_in_parts_of_the_same_numbers(tiny, monkeypatch):
-    """A limit of one row's activations: every call goes row by row, each part padded to its
-    whole call's widths and the LM head run once over the whole call, so the cache, mask
-    and logits are exactly the whole calls'."""
-    tokenizer, model = tiny
-    monkeypatch.setitem(prefill.CALL_TOKENS, "cpu", float("inf"))  # one call per level
-    prompts = nested_prompts(tokenizer)
-    n = lambda text: len(tokenizer.encode(text))  # noqa: E731
-    widths = [max(n(a), n(b)) for a, b in [(SYSTEM, ALONE), (GROUP, OTHER), SEEN]]
-    out = {}
-    row_by_row = [(1, w) for w in widths for _ in range(2)]
-    for limit, calls in ((None, [(2, w) for w in widths]), (1, row_by_row)):
-        monkeypatch.setitem(prefill.CALL_BYTES, "cpu", limit)
-        seen = []
-        hook = model.model.embed_tokens.register_forward_hook(
-            lambda m, i, o, seen=seen: seen.append(tuple(i[0].shape))
-        )
-        try:
-            out[limit] = prefill_prompts(
-                model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache"
-            )
-        finally:
-            hook.remove()
-        assert seen == calls
-    (whole_cache, whole_mask, whole_logits), (cache, mask, logits) = out[None], out[1]
-    assert torch.equal(mask, whole_mask) and torch.equal(logits, whole_logits)
-    for layer, whole in zip(cache.layers, whole_cache.layers, strict=True):
-        assert torch.equal(layer.keys, whole.keys) and torch.equal(layer.values, whole.values)
-
-
 def test_schedule_splits_a_level_where_padding_costs_more_than_a_call():
     nodes = [PrefixNode(0, length, i, -1, i) for i, length in enumerate([10, 100, 12, 95])]
     # together: 4 x 100 = 400 tokens + 1 call; split {10, 12} {95, 100}: 24 + 200 + 2 calls

@@ -291,15 +291,6 @@ def plan_micro_batches(
     return batches
 
 
-def logit_scaling(config) -> str | None:
-    """The name of ``config``'s option that scales or caps its logits (its logits are then
-    not the output embedding of the last hidden state alone), or None."""
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(config, name, None) not in (None, 1.0):
-            return name
-    return None
-
-
 def reply_log_probs(
     model: torch.nn.Module,
     packed: PackedBatch,
@@ -320,12 +311,12 @@ def reply_log_probs(
         restricts it), differentiable only with ``entropy_grad``, or None unless asked for.
     """
     config = model.config
-    scaling = logit_scaling(config)
-    if scaling is not None:
-        raise ValueError(
-            f"models with {scaling} are not supported by packed scoring: their logits are "
-            "not the output embedding of the hidden state alone"
-        )
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1.0):
+            raise ValueError(
+                f"models with {name} are not supported by packed scoring: their logits are "
+                "not the output embedding of the hidden state alone"
+            )
     check_window(config, int(packed.position_ids.max()) + 1)
     hidden = model.get_decoder()(
         input_ids=packed.input_ids,

@@ -24,8 +24,6 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from gigpo_torchrl.policy.packing import logit_scaling
-
 # A shared run shorter than this is not worth a forward call of its own: its tokens are
 # encoded again in each branch below it. (Benchmarks raise it to measure what sharing saves.)
 MIN_SHARED_RUN = 8
@@ -108,12 +106,12 @@ def _fold_short_runs(nodes: list[PrefixNode], min_run: int) -> list[PrefixNode]:
     return out
 
 
-def _left_padded(runs: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[Tensor, Tensor]:
-    """int64 ``[len(runs), width]`` token ids and mask, each run right-aligned."""
+def _left_padded(runs: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in runs)
     ids = torch.full((len(runs), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, tokens in enumerate(runs):
-        ids[i, width - len(tokens) :] = torch.as_tensor(tokens, dtype=torch.long)
+        ids[i, width - len(tokens) :] = tokens
         mask[i, width - len(tokens) :] = 1
     return ids, mask
 
@@ -201,25 +199,6 @@ CALL_TOKENS = {"cpu": 32.0}
 # time for 49 ms of kernels per turn, profiled on an H200): there the prefill stays the one
 # measured, the prefix all prompts share and then the rest of every prompt in one call.
 MAX_LEVELS: dict[str, int | None] = {"cpu": None}
-# Bytes of a forward call's largest activation (an MLP's intermediate: its new tokens ×
-# intermediate_size float32 values) above which the call's rows are encoded in parts, by
-# device type. On a CPU, glibc maps blocks over 32 MiB afresh at every
-# allocation and faults them in page by page: a 32 × 250-token SmolLM2 forward faulted in
-# 1.9M pages and took 11.7 s in one call, against 0.4M and 10.3 s in four.
-CALL_BYTES = {"cpu": 32 << 20}
-
-
-def _parts(call: list[int], width: int, model: torch.nn.Module, device_type: str):
-    """``call``'s nodes in parts whose largest activation stays under ``CALL_BYTES`` (the
-    whole call when there is no limit, or when the model's logits are not its output
-    embedding's alone: parts compute their logits through it)."""
-    limit = CALL_BYTES.get(device_type)
-    config = model.config
-    if limit is None or logit_scaling(config) is not None:
-        return [call]
-    per_token = 4 * getattr(config, "intermediate_size", 4 * config.hidden_size)
-    rows = max(1, limit // (width * per_token))
-    return [call[k : k + rows] for k in range(0, len(call), rows)]
 
 
 class _Encoded:
@@ -230,17 +209,10 @@ class _Encoded:
         self.calls: list[tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]] = []
         self.at: dict[int, tuple[int, int]] = {}
 
-    def width(self, nodes: Sequence[int]) -> int:
-        """The width of the widest call that encoded one of ``nodes``."""
-        return max(self.calls[self.at[n][0]][1].shape[1] for n in nodes)
-
-    def gather(
-        self, nodes: Sequence[int], width: int | None = None
-    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
-        """The rows of ``nodes``, right-aligned to ``width`` (default: the widest of their
-        calls; holes masked)."""
+    def gather(self, nodes: Sequence[int]) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
+        """The rows of ``nodes``, right-aligned to the widest of their calls (holes masked)."""
         device = self.calls[0][1].device
-        width = width or self.width(nodes)
+        width = max(self.calls[self.at[n][0]][1].shape[1] for n in nodes)
         sample_kv, _, sample_logits = self.calls[0]
         kv = [
             (
@@ -290,43 +262,27 @@ def prefill_prompts(
     nodes, calls = plan(seqs, device.type)
     encoded = _Encoded()
     for call in calls:
-        width = max(nodes[i].end - nodes[i].start for i in call)
-        roots = nodes[call[0]].parent == -1  # a level's calls are all roots or all children
-        past_width = 0 if roots else encoded.width([nodes[i].parent for i in call])
-        parts = _parts(call, width, model, device.type)
-        last = []  # per part, the hidden states after its rows' last tokens (when split)
-        for part in parts:
-            runs = [seqs[nodes[i].member][nodes[i].start : nodes[i].end] for i in part]
-            ids, mask = _left_padded(runs, pad_id, width)
-            ids, mask = ids.to(device), mask.to(device)
-            if roots:
-                cache = DynamicCache(config=model.config)
-            else:
-                past_kv, past_mask, _ = encoded.gather([nodes[i].parent for i in part], past_width)
-                cache = DynamicCache(ddp_cache_data=past_kv, config=model.config)
-                mask = torch.cat([past_mask, mask], 1)
-            inputs = dict(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, past_width:],
-                use_cache=True,
-                **{cache_keyword: cache},
-            )
-            if len(parts) == 1:
-                logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-            else:
-                last.append(model.get_decoder()(**inputs).last_hidden_state[:, -1:])
-                logits = None  # the LM head runs once over the whole call, below
-            kv = [(layer.keys, layer.values) for layer in cache.layers]
-            encoded.at.update((n, (len(encoded.calls), row)) for row, n in enumerate(part))
-            encoded.calls.append((kv, mask, logits))
-        if last:  # as many rows at once as the whole call: the same numbers as it
-            logits = model.get_output_embeddings()(torch.cat(last))[:, -1].float()
-            for k, part in enumerate(parts):
-                at = len(encoded.calls) - len(parts) + k
-                first = sum(len(p) for p in parts[:k])
-                kv, mask, _ = encoded.calls[at]
-                encoded.calls[at] = (kv, mask, logits[first : first + len(part)])
+        runs = [torch.as_tensor(seqs[nodes[i].member][nodes[i].start : nodes[i].end]) for i in call]
+        ids, mask = _left_padded(runs, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        if nodes[call[0]].parent == -1:  # a level's calls are all roots or all children
+            cache = DynamicCache(config=model.config)
+        else:
+            past_kv, past_mask, _ = encoded.gather([nodes[i].parent for i in call])
+            cache = DynamicCache(ddp_cache_data=past_kv, config=model.config)
+            mask = torch.cat([past_mask, mask], 1)
+        past = mask.shape[1] - ids.shape[1]
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, past:],
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_keyword: cache},
+        )
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        encoded.at.update((n, (len(encoded.calls), row)) for row, n in enumerate(call))
+        encoded.calls.append((kv, mask, out.logits[:, -1].float()))
     # one row per prompt, from the call that encoded its last run
     ends = {node.terminal: i for i, node in enumerate(nodes) if node.terminal != -1}
     kv, mask, logits = encoded.gather([ends[u] for u in range(len(prompts))])
