@@ -47,6 +47,14 @@ def teacher_forced(model, prompt, reply):
     return logits.float().log_softmax(-1).gather(-1, reply[:, None])[:, 0]
 
 
+def check_sampled_log_probs(model, tokenizer, prompts, settings):
+    """Sampled replies' log-probs equal a teacher-forced forward of each prompt + reply."""
+    torch.manual_seed(0)
+    replies, log_probs, _ = sample_replies(model, prompts, settings, pad_id=tokenizer.pad_token_id)
+    for prompt, reply, lp in zip(prompts, replies, log_probs, strict=True):
+        torch.testing.assert_close(lp, teacher_forced(model, prompt, reply), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("static_cache", [False, True], ids=["growing", "static"])
 def test_decoders_sample_teacher_forced_log_probs_with_eager_attention(static_cache):
     tokenizer, model = eager_tiny(seed=6)
@@ -54,10 +62,7 @@ def test_decoders_sample_teacher_forced_log_probs_with_eager_attention(static_ca
     texts = ("<|im_start|>user\nnorth", "go", "<|im_start|>user\nnorth", "a longer prompt here")
     prompts = [torch.tensor(tokenizer.encode(t)) for t in texts]
     settings = SamplingSettings(max_new_tokens=6, temperature=1.3, static_cache=static_cache)
-    torch.manual_seed(0)
-    replies, log_probs, _ = sample_replies(model, prompts, settings, pad_id=tokenizer.pad_token_id)
-    for prompt, reply, lp in zip(prompts, replies, log_probs, strict=True):
-        torch.testing.assert_close(lp, teacher_forced(model, prompt, reply), atol=1e-4, rtol=0)
+    check_sampled_log_probs(model, tokenizer, prompts, settings)
 
 
 def test_packed_scoring_equals_separate_forwards_with_eager_attention():
@@ -109,9 +114,7 @@ def test_sampling_past_a_sliding_window_is_refused_and_within_it_is_exact():
     with pytest.raises(ValueError, match="window of 24 tokens"):
         sample_replies(model, prompts, settings, pad_id=tokenizer.pad_token_id)
     settings = SamplingSettings(max_new_tokens=8, temperature=1.0)  # 16 + 8 = 24: within
-    replies, log_probs, _ = sample_replies(model, prompts, settings, pad_id=tokenizer.pad_token_id)
-    for prompt, reply, lp in zip(prompts, replies, log_probs, strict=True):
-        torch.testing.assert_close(lp, teacher_forced(model, prompt, reply), atol=1e-4, rtol=0)
+    check_sampled_log_probs(model, tokenizer, prompts, settings)
 
 
 def test_packed_scoring_past_a_sliding_window_is_refused():
