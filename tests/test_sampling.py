@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
+from gigpo_torchrl.policy import sampling
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
 
 
@@ -185,3 +186,16 @@ def test_a_reply_only_one_choice_continues_is_completed_without_a_forward_pass(t
         assert float(lp[0]) < 0 and float(lp[1:].abs().sum()) == 0  # the rest was forced
         assert [row[row >= 0].tolist() for row in ids[1:]] == [[t] for t in reply[1:].tolist()]
     assert {r.tolist()[0] for r in replies} != {options[0][0]}  # a sample, not a constant
+
+
+def test_nucleus_sampling_draws_only_inside_the_nucleus(device):
+    logits = torch.tensor([0.4, 0.05, 0.3, 0.05, 0.2], device=device).log()
+    settings = SamplingSettings(max_new_tokens=1, top_p=0.85)  # 0.4 + 0.3 + 0.2 = 0.9
+    torch.manual_seed(0)
+    rows = 60_000
+    counts = torch.bincount(sampling._pick(logits.expand(rows, -1), settings).cpu(), minlength=5)
+    assert counts[1] == counts[3] == 0
+    # the nucleus renormalised; counts within 5 binomial standard deviations
+    p = torch.tensor([0.4, 0, 0.3, 0, 0.2], dtype=torch.float64) / 0.9
+    spread = 5 * (rows * p * (1 - p)).sqrt() + 1
+    assert ((counts - rows * p).abs() <= spread).all(), (counts, rows * p)
