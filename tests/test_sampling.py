@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
-from gigpo_torchrl.policy import sampling
+from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model, sampling
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
 
 
