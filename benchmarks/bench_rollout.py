@@ -56,6 +56,7 @@ from gigpo_torchrl.policy.actor import action_choices, read_actions
 from gigpo_torchrl.policy.decoding import DynamicDecoder
 from gigpo_torchrl.policy.prefill import encoded_tokens
 from gigpo_torchrl.policy.sampling import continuing
+from gigpo_torchrl.train.config import auto_dtype
 
 
 class RecordingPolicy(LLMPolicy):
@@ -387,8 +388,8 @@ def main() -> None:
         "--dtype",
         choices=("auto", "float32", "bfloat16"),
         default="auto",
-        help="bfloat16: generation under bfloat16 autocast, as gigpo-train's; auto: bfloat16 "
-        "on CUDA, float32 on the CPU",
+        help="bfloat16: generation under bfloat16 autocast, as gigpo-train's; auto: as "
+        "gigpo-train's --dtype auto (bfloat16 on CUDA and on CPUs with bfloat16 instructions)",
     )
     parser.add_argument("--no-cb", action="store_true", help="skip continuous batching")
     parser.add_argument(
@@ -422,7 +423,7 @@ def main() -> None:
     )
     model, tokenizer = load_model(name)
     model.to(args.device)
-    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and args.device.startswith("cuda"))
+    bf16 = (auto_dtype(args.device) if args.dtype == "auto" else args.dtype) == "bfloat16"
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
         run(args, name, model, tokenizer, "bfloat16 autocast" if bf16 else "float32")
 
@@ -520,6 +521,27 @@ def run(args, name, model, tokenizer, precision: str) -> None:
                 ("GroupCollector, compiled", *replay_batch(collector, policy, start_state))
             )
             policy.sampling = default
+    precision_rows, precision_lines = [], []
+    if model.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # the first wave ran float32 on every CPU: both ways again without autocast
+        with torch.autocast("cpu", enabled=False):
+            torch.manual_seed(0)
+            f32_tokens, f32_s = lock_step_generate(
+                model,
+                tokenizer,
+                policy.prompt_batches,
+                policy.generate_kwargs,
+                policy.action_batches if args.constrain_actions else None,
+            )
+            variant("sample_replies, float32")
+        precision_rows = [("lock-step model.generate, float32", f32_tokens, f32_s)]
+        precision_rows.append(sampler_rows.pop())
+        precision_lines.append(
+            f"bfloat16 autocast against float32: lock-step {f32_s / old_s:.2f}x, "
+            f"sample_replies {precision_rows[1][2] / new_s:.2f}x; sample_replies in bfloat16 "
+            f"against lock-step in float32 (the first wave's CPU default): "
+            f"{(new_tokens / new_s) / (f32_tokens / f32_s):.2f}x"
+        )
     token_batches = [policy.encode(prompts) for prompts in policy.prompt_batches]
     cb_rows, cb_lines = [], []
     if not args.no_cb and policy.sampling.forbidden_ids:
@@ -576,6 +598,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         ("lock-step model.generate (first wave)", old_tokens, old_s),
         ("sample_replies (prefix-tree prefill)", new_tokens, new_s),
         *sampler_rows,
+        *precision_rows,
         *cb_rows,
         ("GroupCollector, first batch (warm-ups)", first_tokens, first_s),
         ("GroupCollector (sample_replies + envs)", ours_tokens, ours_s),
@@ -585,7 +608,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             f"{label:40} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>7.1f} "
             f"{len(prompts) / seconds:>9.1f}"
         )
-    for line in cb_lines:
+    for line in cb_lines + precision_lines:
         print(line)
     counts = prefill_tokens(token_batches, model.device.type)
     print(

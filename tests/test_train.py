@@ -9,6 +9,7 @@ import yaml
 
 from gigpo_torchrl.train import TrainConfig, Trainer
 from gigpo_torchrl.train.cli import FIELDS, build_parser, main, parse_config
+from gigpo_torchrl.train.config import auto_dtype
 
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
@@ -314,6 +315,26 @@ def test_yaml_config_with_flags_winning(tmp_path):
     path.write_text("env: taxi\nnum_generation: 6\n")
     with pytest.raises(ValueError, match=r"unknown options \['num_generation'\]"):
         parse_config(["--config", str(path)])
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return {flag for line in info if line.startswith("flags") for flag in line.split()}
+    except OSError:
+        return set()
+
+
+def test_dtype_auto_is_bfloat16_where_the_hardware_computes_it():
+    assert TrainConfig(dtype="auto", device="cpu").resolve_dtype() == auto_dtype("cpu")
+    assert TrainConfig(dtype="float32", device="cpu").resolve_dtype() == "float32"
+    assert auto_dtype("cuda") == auto_dtype("cuda:1") == "bfloat16"
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to check the CPU against")
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert auto_dtype("cpu") == ("bfloat16" if native else "float32")
 
 
 @pytest.mark.parametrize(

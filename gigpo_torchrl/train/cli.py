@@ -46,7 +46,8 @@ HELP = {
     "loss_agg_mode": "token_mean, seq_mean_token_mean or seq_mean_token_sum (verl's names)",
     "device": "auto, cpu, cuda or cuda:N (auto: cuda when visible)",
     "dtype": "auto, float32 or bfloat16 (autocast, fp32 weights and optimizer state); "
-    "auto: bfloat16 on CUDA, float32 on CPU",
+    "auto: bfloat16 on CUDA and on CPUs with bfloat16 instructions (AVX512-BF16, AMX), "
+    "else float32",
     "gradient_checkpointing": "recompute activations in backward: less memory, ~30%% slower",
     "compile_decode": "on CUDA, decode steps through torch.compile inside their CUDA graph "
     "(small kernels fused; compiling takes about a minute at start-up)",
