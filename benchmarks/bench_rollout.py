@@ -534,12 +534,16 @@ def run(args, name, model, tokenizer, precision: str) -> None:
                 policy.action_batches if args.constrain_actions else None,
             )
             variant("sample_replies, float32")
+            f32_per_token = call_cost(model)[1]
         precision_rows = [("lock-step model.generate, float32", f32_tokens, f32_s)]
         precision_rows.append(sampler_rows.pop())
+        per_token = call_cost(model)[1]
         precision_lines.append(
             f"bfloat16 autocast against float32: lock-step {f32_s / old_s:.2f}x, "
-            f"sample_replies {precision_rows[1][2] / new_s:.2f}x; sample_replies in bfloat16 "
-            f"against lock-step in float32 (the first wave's CPU default): "
+            f"sample_replies {precision_rows[1][2] / new_s:.2f}x, a prompt token's forward "
+            f"{f32_per_token / per_token:.2f}x ({per_token * 1000:.3f} against "
+            f"{f32_per_token * 1000:.3f} ms); sample_replies in bfloat16 against lock-step in "
+            f"float32 (the first wave's CPU default): "
             f"{(new_tokens / new_s) / (f32_tokens / f32_s):.2f}x"
         )
     token_batches = [policy.encode(prompts) for prompts in policy.prompt_batches]

@@ -11,6 +11,8 @@ same process:
 - after: :class:`~gigpo_torchrl.objectives.GIGPOLoss` with the default token budget: rows
   sorted by length, each distinct prompt encoded once, the LM head at reply positions only.
 
+Both run in float32. On a CPU with bfloat16 instructions, where ``gigpo-train --dtype auto``
+updates under bfloat16 autocast, the "after" scheme is also timed under it.
 Throughput counts the rows' own tokens (prompt + reply) per second, however they are packed.
 The last line reads ``update speed-up: <x>x, padding: <p>%`` (padding of the "after" scheme).
 
@@ -32,6 +34,7 @@ from gigpo_torchrl import GIGPOAdvantage
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.objectives import GIGPOLoss
 from gigpo_torchrl.policy import LLMPolicy, load_model, scoring_wrapper
+from gigpo_torchrl.train.config import auto_dtype
 
 
 def timed(fn) -> float:
@@ -114,10 +117,14 @@ def main() -> None:
         entropy_bonus=False,
     )
     gigpo = GIGPOLoss(model)
-    times = {"before": [], "after": []}
+    bf16 = auto_dtype("cpu") == "bfloat16"
+    times = {"before": [], "after": [], "bfloat16": []}
     for _ in range(args.repeats):
         times["before"].append(before(grpo, model, batch, 8))
         times["after"].append(after(gigpo, model, batch))
+        if bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                times["bfloat16"].append(after(gigpo, model, batch))
     stats = gigpo.backward(batch)
     model.zero_grad()
     t_before, t_after = (statistics.median(times[k]) for k in ("before", "after"))
@@ -131,10 +138,18 @@ def main() -> None:
         f"{'after: GIGPOLoss, packed, reply-only head':<44} {t_after:>8.2f} "
         f"{row_tokens / t_after:>9.0f} {pad_after:>8.1%}"
     )
+    if bf16:
+        t_bf16 = statistics.median(times["bfloat16"])
+        print(
+            f"{'after, under bfloat16 autocast':<44} {t_bf16:>8.2f} "
+            f"{row_tokens / t_bf16:>9.0f} {pad_after:>8.1%}"
+        )
     print(
         f"(medians of {args.repeats}; after: {int(stats['micro_batches'])} micro-batches, "
         f"{int(stats['tokens'])} positions processed for {row_tokens} row tokens)"
     )
+    if bf16:
+        print(f"bfloat16 autocast: the after scheme {t_after / t_bf16:.2f}x as fast as in float32")
     print(f"update speed-up: {t_before / t_after:.2f}x, padding: {pad_after:.1%}")
 
 

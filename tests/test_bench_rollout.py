@@ -37,7 +37,8 @@ def test_prefill_counts_by_hand(bench):
 def test_tiny_configuration_runs_and_prints_its_ratios():
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", "tiny", "--env", "lake-walk", "--groups", "2"]
-        + ["--generations", "2", "--max-steps", "2", "--max-new-tokens", "4", "--no-cb"],
+        + ["--generations", "2", "--max-steps", "2", "--max-new-tokens", "4", "--no-cb"]
+        + ["--dtype", "bfloat16"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -52,4 +53,8 @@ def test_tiny_configuration_runs_and_prints_its_ratios():
     assert re.search(r"^fastest sampler: .+, [\d.]+x lock-step$", out, re.MULTILINE)
     assert re.search(r"per-environment turns [\d.]+s \([\d.]+x\)", out)
     assert re.search(r"concatenating DynamicCache \d+ ms, the sampler's decoder \d+ ms", out)
+    # under bfloat16 autocast on a CPU, both ways again in float32 (the first wave's precision)
+    assert re.search(r"^lock-step model.generate, float32\s+\d+", out, re.MULTILINE)
+    assert re.search(r"^sample_replies, float32\s+\d+", out, re.MULTILINE)
+    assert re.search(r"^bfloat16 autocast against float32: lock-step [\d.]+x, ", out, re.MULTILINE)
     assert re.search(r"^rollout speed-up: [\d.]+x$", out, re.MULTILINE)
