@@ -80,8 +80,8 @@ def lake_walk(size: int = 3, progress_reward: float = 0.5) -> GymTextGame:
     the grid distances to the goal before and after the move: a potential-based shaping
     (Ng et al., 1999), so it changes no policy's ranking of whole walks that reach the goal,
     while every single move is scored at once. Success is still reaching the goal. The
-    main job's default, 0.5: without it, its 24 iterations learned which move to prefer but
-    not to read the way (see the README).
+    main job's default, 0.5: without it, 24 iterations of the main job learned which move
+    to prefer but not to read the way (see the README).
     """
 
     def make(seed: int) -> gym.Env:
