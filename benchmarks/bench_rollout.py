@@ -457,14 +457,17 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     # which the rows below then find done: the collector is timed again on the same batch
     ours_tokens, ours_s = replay_batch(collector, policy, start_state)
 
-    torch.manual_seed(0)
-    old_tokens, old_s = lock_step_generate(
-        model,
-        tokenizer,
-        policy.prompt_batches,
-        policy.generate_kwargs,
-        policy.action_batches if args.constrain_actions else None,
-    )
+    def lock_step() -> tuple[int, float]:
+        torch.manual_seed(0)
+        return lock_step_generate(
+            model,
+            tokenizer,
+            policy.prompt_batches,
+            policy.generate_kwargs,
+            policy.action_batches if args.constrain_actions else None,
+        )
+
+    old_tokens, old_s = lock_step()
     torch.manual_seed(0)
     new_tokens, new_s, reply_lengths = cached_sampling(
         policy, policy.prompt_batches, policy.action_batches
@@ -525,14 +528,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     if model.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         # the first wave ran float32 on every CPU: both ways again without autocast
         with torch.autocast("cpu", enabled=False):
-            torch.manual_seed(0)
-            f32_tokens, f32_s = lock_step_generate(
-                model,
-                tokenizer,
-                policy.prompt_batches,
-                policy.generate_kwargs,
-                policy.action_batches if args.constrain_actions else None,
-            )
+            f32_tokens, f32_s = lock_step()
             variant("sample_replies, float32")
             f32_per_token = call_cost(model)[1]
         precision_rows = [("lock-step model.generate, float32", f32_tokens, f32_s)]
