@@ -524,6 +524,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
                 ("GroupCollector, compiled", *replay_batch(collector, policy, start_state))
             )
             policy.sampling = default
+    fixed, per_token = call_cost(model)
     precision_rows, precision_lines = [], []
     if model.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         # the first wave ran float32 on every CPU: both ways again without autocast
@@ -533,7 +534,6 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             f32_per_token = call_cost(model)[1]
         precision_rows = [("lock-step model.generate, float32", f32_tokens, f32_s)]
         precision_rows.append(sampler_rows.pop())
-        per_token = call_cost(model)[1]
         precision_lines.append(
             f"bfloat16 autocast against float32: lock-step {f32_s / old_s:.2f}x, "
             f"sample_replies {precision_rows[1][2] / new_s:.2f}x, a prompt token's forward "
@@ -617,7 +617,6 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         + f"; sampler saves {1 - counts['sampler'] / counts['lock-step (padded)']:.0%} of "
         f"lock-step's, {1 - counts['sampler'] / counts['every prompt']:.0%} of every prompt's"
     )
-    fixed, per_token = call_cost(model)
     print(
         f"one forward call: {fixed * 1000:.1f} ms + {per_token * 1000:.3f} ms per prompt token "
         f"(the cost of {fixed / per_token:.0f} tokens; prefill.CALL_TOKENS "
