@@ -146,6 +146,42 @@ def test_validation_before_the_first_update(tmp_path):
     ]
 
 
+def test_validation_changes_no_training_number(tmp_path):
+    def run(name, val_every):
+        trainer = Trainer(tiny_config(tmp_path, run_name=name, val_every=val_every))
+        history = trainer.train()
+        return trainer, history
+
+    often, often_history = run("often", 1)
+    rarely, rarely_history = run("rarely", 2)
+    assert [r["iteration"] for r in often_history if "val_success_rate" in r] == [0, 1, 2]
+    assert [r["iteration"] for r in rarely_history if "val_success_rate" in r] == [0, 2]
+    # the second iteration's rollouts come after a validation in one run only
+    tokens = [b.last_batch.get(("tokens", "full"), as_list=True) for b in (often, rarely)]
+    assert len(tokens[0]) == len(tokens[1])
+    assert all(torch.equal(x, y) for x, y in zip(*tokens, strict=True))
+    w_often, w_rarely = weights(often.model), weights(rarely.model)
+    assert all(torch.equal(w_often[k], w_rarely[k]) for k in w_often)
+    measured = ("time_", "peak_memory_mb", "train_tokens_per_s")  # clocks and memory vary
+    numbers = [
+        [{k: v for k, v in r.items() if not k.startswith(measured)} for r in h if "loss" in r]
+        for h in (often_history, rarely_history)
+    ]
+    assert numbers[0] == numbers[1]
+
+
+def test_every_validation_samples_from_the_same_stream(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, iterations=1))
+    before = torch.get_rng_state()
+    trainer.validate()
+    assert torch.equal(torch.get_rng_state(), before)  # the training's stream untouched
+    first = trainer.last_val_batch.get(("tokens", "full"), as_list=True)
+    torch.rand(7)  # training moves its stream on; validation's does not follow it
+    trainer.validate()
+    again = trainer.last_val_batch.get(("tokens", "full"), as_list=True)
+    assert len(first) == len(again) and all(map(torch.equal, first, again))
+
+
 def test_lora_trains_only_the_adapter(tmp_path):
     pytest.importorskip("peft")
     trainer = Trainer(tiny_config(tmp_path, lora=True, lora_rank=2, iterations=1))

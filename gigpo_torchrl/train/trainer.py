@@ -269,6 +269,7 @@ class Trainer:
         self.env_steps = 0
         self.history: list[dict] = []
         self.last_batch: TensorDictBase | None = None
+        self.last_val_batch: TensorDictBase | None = None  # the last validation's step rows
 
     def _ray_workers(self, config: TrainConfig) -> dict:
         """The training collector's Ray options: env workers, generation replicas (each
@@ -493,11 +494,21 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Success rate and mean return on the held-out tasks at ``val_temperature``."""
+        """Success rate and mean return on the held-out tasks at ``val_temperature``.
+
+        Validation draws from random generators of its own, seeded alike every time, and
+        leaves the training's as they were: how often it runs changes no training number,
+        and every validation samples its replies from the same random stream (differences
+        between two of them come from the weights alone)."""
         self._phase = "validation"
         self._progress("validation", force=True)
         self.val_collector.load_state_dict(self._val_sampler)
-        self.val_collector.collect()
+        training_rng = rng_state()
+        try:
+            self._seed_everything(self.config.seed)
+            self.last_val_batch = self.val_collector.collect()
+        finally:
+            set_rng_state(training_rng)
         stats = self.val_collector.stats
         record = {
             "iteration": self.iteration,
