@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model, sampling
-from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
+from gigpo_torchrl.policy.sampling import SamplingSettings, draw, sample_replies
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +185,35 @@ def test_a_reply_only_one_choice_continues_is_completed_without_a_forward_pass(t
         assert float(lp[0]) < 0 and float(lp[1:].abs().sum()) == 0  # the rest was forced
         assert [row[row >= 0].tolist() for row in ids[1:]] == [[t] for t in reply[1:].tolist()]
     assert {r.tolist()[0] for r in replies} != {options[0][0]}  # a sample, not a constant
+
+
+def test_draw_inverts_the_cumulative_weights_at_one_uniform_a_row(device):
+    torch.manual_seed(1)
+    weights = torch.rand(6, 7, dtype=torch.float64) * (torch.rand(6, 7) > 0.4)
+    weights[:, 3] += 0.1  # every row has some weight
+    torch.manual_seed(2)
+    picked = draw(weights.to(device).float()).cpu()
+    torch.manual_seed(2)
+    uniforms = torch.rand(6, dtype=torch.float64, device=device).cpu().tolist()
+    for row, u, index in zip(weights.float().double().tolist(), uniforms, picked.tolist()):
+        # the first entry whose running sum passes u times the row's total
+        target, total = u * sum(row), 0.0
+        expected = next(i for i, w in enumerate(row) if (total := total + w) > target)
+        assert index == expected and row[index] > 0
+
+
+def test_draw_follows_the_weights_and_never_draws_a_zero_weight(device, monkeypatch):
+    weights = torch.tensor([0.0, 5.0, 0.0, 2.0, 2.9, 0.1, 0.0], device=device)
+    rows = 100_000
+    # several parts on a CPU: each must draw with its own uniforms
+    monkeypatch.setattr(sampling, "DRAW_PART", 7 * 4_096)
+    torch.manual_seed(0)
+    counts = torch.bincount(draw(weights.expand(rows, -1)).cpu(), minlength=7)
+    p = (weights / weights.sum()).cpu().double()
+    assert counts[p == 0].sum() == 0
+    # within 5 binomial standard deviations of the expected counts
+    spread = 5 * (rows * p * (1 - p)).sqrt() + 1
+    assert ((counts - rows * p).abs() <= spread).all(), (counts, rows * p)
 
 
 def test_nucleus_sampling_draws_only_inside_the_nucleus(device):

@@ -70,8 +70,33 @@ def _pick(logits: Tensor, settings: SamplingSettings) -> Tensor:
         # drop a token when the tokens before it already reach top_p (the first always stays)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= settings.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0)
-        return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
-    return torch.multinomial(probs, 1).squeeze(-1)
+        return order.gather(-1, draw(sorted_probs)[:, None]).squeeze(-1)
+    return draw(probs)
+
+
+# Entries per float64 part of :func:`draw` on a CPU: larger temporaries are mapped afresh by
+# glibc at every call, and their page faults cost more than the sums (64 rows of 49,152:
+# 14 ms in one part, 1.2 ms in parts of 8 rows).
+DRAW_PART = 2**19
+
+
+def draw(weights: Tensor) -> Tensor:
+    """One index per row of non-negative float ``[n, V]`` weights, drawn with probability
+    proportional to its weight: int64 ``[n]``.
+
+    ``torch.multinomial`` draws an exponential variate for every entry (V random numbers a
+    row: 47 ms for 64 rows of 49,152 on 2 CPU cores); this inverts the cumulative sum at
+    one uniform variate a row instead (1.2 ms). The sums are float64, so that rounding moves
+    no entry's probability by more than about 1e-16 (float32 sums would move the smallest
+    by up to 6e-8 each); an entry of weight 0 is never drawn, since ``u < total`` strictly.
+    """
+    rows = max(1, DRAW_PART // weights.shape[-1]) if weights.device.type == "cpu" else len(weights)
+    picked = []
+    for part in weights.split(rows):
+        cdf = part.cumsum(-1, dtype=torch.float64)
+        u = torch.rand(len(part), 1, dtype=torch.float64, device=part.device) * cdf[:, -1:]
+        picked.append(torch.searchsorted(cdf, u, right=True).squeeze(-1))
+    return torch.cat(picked)
 
 
 def _allowed(choices, rows: list[int], prefixes: Tensor) -> list[list[int] | None] | None:
