@@ -55,7 +55,7 @@ from gigpo_torchrl.policy import LLMPolicy, decoding, load_model, prefill
 from gigpo_torchrl.policy.actor import action_choices, read_actions
 from gigpo_torchrl.policy.decoding import DynamicDecoder
 from gigpo_torchrl.policy.prefill import encoded_tokens
-from gigpo_torchrl.policy.sampling import continuing
+from gigpo_torchrl.policy.sampling import continuing, draw
 from gigpo_torchrl.train.config import auto_dtype
 
 
@@ -170,6 +170,23 @@ def decode_step_seconds(model, rows: list[int], width: int, concatenating=False)
                 times.append(time.perf_counter() - start)
             out.append(sorted(times[1:])[1])
     return out
+
+
+def draw_seconds(rows: int, vocab: int, device) -> tuple[float, float]:
+    """Seconds to draw one token per row of ``[rows, vocab]`` probabilities (medians of 5):
+    ``torch.multinomial`` (an exponential variate per entry), and the sampler's
+    :func:`~gigpo_torchrl.policy.sampling.draw` (one uniform a row)."""
+    probs = torch.randn(rows, vocab, device=device).softmax(-1)
+
+    def seconds(pick) -> float:
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            pick(probs).tolist()  # .tolist(): wait for the device
+            times.append(time.perf_counter() - start)
+        return sorted(times[1:])[2]
+
+    return seconds(lambda p: torch.multinomial(p, 1)), seconds(draw)
 
 
 def modelled_turns(model, batch: TensorDictBase, width: int) -> tuple[float, float]:
@@ -650,6 +667,12 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             f"{concatenated * 1000:.0f} ms, the sampler's decoder {kept * 1000:.0f} ms "
             f"({concatenated / kept:.2f}x)"
         )
+    rows, vocab = args.groups * args.generations, model.config.vocab_size
+    multinomial, uniform = draw_seconds(rows, vocab, model.device)
+    print(
+        f"token draw at {rows} rows of {vocab}: torch.multinomial {multinomial * 1000:.2f} ms, "
+        f"one uniform a row {uniform * 1000:.2f} ms ({multinomial / uniform:.1f}x)"
+    )
     overhead = (new_tokens / new_s) / (ours_tokens / ours_s)
     print(f"collector overhead (sampler tok/s / collector tok/s): {overhead:.2f}x")
     print(

@@ -53,6 +53,7 @@ def test_tiny_configuration_runs_and_prints_its_ratios():
     assert re.search(r"^fastest sampler: .+, [\d.]+x lock-step$", out, re.MULTILINE)
     assert re.search(r"per-environment turns [\d.]+s \([\d.]+x\)", out)
     assert re.search(r"concatenating DynamicCache \d+ ms, the sampler's decoder \d+ ms", out)
+    assert re.search(r"^token draw at \d+ rows of \d+: torch.multinomial [\d.]+ ms, ", out, re.M)
     # under bfloat16 autocast on a CPU, both ways again in float32 (the first wave's precision)
     assert re.search(r"^lock-step model.generate, float32\s+\d+", out, re.MULTILINE)
     assert re.search(r"^sample_replies, float32\s+\d+", out, re.MULTILINE)

@@ -195,7 +195,8 @@ def test_draw_inverts_the_cumulative_weights_at_one_uniform_a_row(device):
     picked = draw(weights.to(device).float()).cpu()
     torch.manual_seed(2)
     uniforms = torch.rand(6, dtype=torch.float64, device=device).cpu().tolist()
-    for row, u, index in zip(weights.float().double().tolist(), uniforms, picked.tolist()):
+    rows = weights.float().double().tolist()
+    for row, u, index in zip(rows, uniforms, picked.tolist(), strict=True):
         # the first entry whose running sum passes u times the row's total
         target, total = u * sum(row), 0.0
         expected = next(i for i, w in enumerate(row) if (total := total + w) > target)
