@@ -27,6 +27,7 @@ import weakref
 import torch
 from torch import Tensor
 
+from gigpo_torchrl.policy.folded_attention import folding_gqa
 from gigpo_torchrl.policy.masks import for_attention
 
 # Under autocast, decode with a copy of the linear layers' weights in autocast's dtype
@@ -299,7 +300,8 @@ class StaticDecoder:
         cache_keyword: the model's name for the cache argument.
         capture: replay steps as a CUDA graph (default: when the model is on a CUDA device).
         compile: run each step's forward through ``torch.compile`` (fused kernels; the first
-            steps compile, which takes a while).
+            steps compile, which takes a while), its attention on the key-value heads as
+            stored (:mod:`~gigpo_torchrl.policy.folded_attention`).
     """
 
     def __init__(
@@ -380,8 +382,12 @@ class StaticDecoder:
 
     def _forward(self) -> Tensor:
         b = self.bucket
-        run = _compiled(self.model) if self.compile else _decode_forward
-        return run(self.model, self.cache_keyword, b.ids, b.attend, b.positions, b.kv, self.shadows)
+        inputs = (self.model, self.cache_keyword, b.ids, b.attend, b.positions, b.kv, self.shadows)
+        if not self.compile:
+            return _decode_forward(*inputs)
+        # traced, transformers' SDPA would copy the cache out to every query head
+        with folding_gqa(self.model):
+            return _compiled(self.model)(*inputs)
 
     def _capture(self) -> None:
         """Capture one step into the bucket's graph and run it (this step's outputs)."""

@@ -13,17 +13,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gigpo_torchrl.policy.folded_attention import FOLDED
+
 
 def for_attention(config, mask: Tensor) -> Tensor:
     """``mask`` (boolean ``[B, 1, Q, K]``) as ``config``'s attention implementation takes it:
-    as is for ``sdpa``; for ``eager``, float32, 0 where true and the most negative float32
+    as is for ``sdpa`` (and its folded form, :data:`~gigpo_torchrl.policy.folded_attention.
+    FOLDED`); for ``eager``, float32, 0 where true and the most negative float32
     elsewhere (added to the scores).
 
     Raises:
         ValueError: for any other implementation (flash attention takes no 4-D mask).
     """
     attention = getattr(config, "_attn_implementation", None) or "sdpa"
-    if attention == "sdpa":
+    if attention in ("sdpa", FOLDED):
         return mask
     if attention == "eager":
         return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
