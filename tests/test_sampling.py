@@ -228,3 +228,21 @@ def test_nucleus_sampling_draws_only_inside_the_nucleus(device):
     p = torch.tensor([0.4, 0, 0.3, 0, 0.2], dtype=torch.float64) / 0.9
     spread = 5 * (rows * p * (1 - p)).sqrt() + 1
     assert ((counts - rows * p).abs() <= spread).all(), (counts, rows * p)
+
+
+def test_nan_logits_are_reported_not_sampled(device):
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model(tokenizer, seed=3).to(device)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))  # a diverged model: every logit NaN
+    prompts = [torch.tensor(tokenizer.encode(t)) for t in ("go", "stay")]
+    for temperature in (1.0, 0.0):
+        settings = SamplingSettings(max_new_tokens=3, temperature=temperature)
+        with pytest.raises(ValueError, match="logits are NaN .* for 2 of 2 replies"):
+            sample_replies(model, prompts, settings, pad_id=tokenizer.pad_token_id)
+
+
+def test_draw_keeps_rows_without_weight_in_range():
+    weights = torch.tensor([[0.0, 1.0, 0.0], [float("nan")] * 3, [0.0] * 3])
+    picked = draw(weights)
+    assert picked[0] == 1 and ((picked >= 0) & (picked < 3)).all()

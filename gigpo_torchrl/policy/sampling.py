@@ -89,6 +89,7 @@ def draw(weights: Tensor) -> Tensor:
     one uniform variate a row instead (1.2 ms). The sums are float64, so that rounding moves
     no entry's probability by more than about 1e-16 (float32 sums would move the smallest
     by up to 6e-8 each); an entry of weight 0 is never drawn, since ``u < total`` strictly.
+    A row without a finite positive weight gives its last index.
     """
     rows = max(1, DRAW_PART // weights.shape[-1]) if weights.device.type == "cpu" else len(weights)
     picked = []
@@ -96,7 +97,9 @@ def draw(weights: Tensor) -> Tensor:
         cdf = part.cumsum(-1, dtype=torch.float64)
         u = torch.rand(len(part), 1, dtype=torch.float64, device=part.device) * cdf[:, -1:]
         picked.append(torch.searchsorted(cdf, u, right=True).squeeze(-1))
-    return torch.cat(picked)
+    # a row without a finite positive weight (NaN logits) comes out past the end: kept in
+    # range so that gathers by it stay valid (sample_replies reports such rows)
+    return torch.cat(picked).clamp_(max=weights.shape[-1] - 1)
 
 
 def _allowed(choices, rows: list[int], prefixes: Tensor) -> list[list[int] | None] | None:
@@ -149,7 +152,8 @@ def sample_replies(
 
     Raises:
         ValueError: when a prompt plus ``max_new_tokens`` would reach past the model's
-            sliding attention window (see :func:`~gigpo_torchrl.policy.masks.check_window`).
+            sliding attention window (see :func:`~gigpo_torchrl.policy.masks.check_window`),
+            or when the model's logits are NaN (a diverged model).
     """
     device = next(model.parameters()).device
     check_window(model.config, max(map(len, prompts), default=0) + settings.max_new_tokens)
@@ -202,6 +206,12 @@ def sample_replies(
         log_prob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
         # one device-to-host copy per step (token ids are exact in float32 below 2**24)
         picked = torch.stack([token.float(), log_prob, torch.isin(token, eos).float()]).cpu()
+        if bool(picked[1].isnan().any()):
+            raise ValueError(
+                f"the model's next-token logits are NaN (or all -inf) for "
+                f"{int(picked[1].isnan().sum())} of {len(active)} replies at reply token {t}: "
+                "its weights or activations have diverged"
+            )
         ended = picked[2].bool()
         tokens[active, t] = picked[0].long()
         log_probs[active, t] = picked[1]
