@@ -649,6 +649,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         f" rows x step max {waits} vs {sum(flat)} generated ({1 - sum(flat) / waits:.0%} lock-step"
         " idle slots)"
     )
+    rows, vocab = args.groups * args.generations, model.config.vocab_size
     if model.device.type == "cpu":  # a graphed GPU step costs its bucket, whatever the rows
         width = int(np.median([len(p) for b in token_batches for p in b]))
         lock, free = modelled_turns(model, batch, width)
@@ -657,7 +658,6 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             f"prompt): lock-step turns {lock:.2f}s, per-environment turns {free:.2f}s "
             f"({lock / free:.2f}x)"
         )
-        rows = args.groups * args.generations
         kept, concatenated = (
             decode_step_seconds(model, [rows], width, concatenating)[0]
             for concatenating in (False, True)
@@ -667,7 +667,6 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             f"{concatenated * 1000:.0f} ms, the sampler's decoder {kept * 1000:.0f} ms "
             f"({concatenated / kept:.2f}x)"
         )
-    rows, vocab = args.groups * args.generations, model.config.vocab_size
     multinomial, uniform = draw_seconds(rows, vocab, model.device)
     print(
         f"token draw at {rows} rows of {vocab}: torch.multinomial {multinomial * 1000:.2f} ms, "
