@@ -20,8 +20,9 @@
    the simplest API). Its behaviour log-probs are checked against a teacher-forced forward.
    If it cannot run, one line says why and the rest goes on (``--no-cb`` skips it).
 4. Prefix reuse in prompt tokens: how many tokens each way prefills (lock-step: every row
-   at the padded width; sample_replies: every run of its prefix tree once), and the spread
-   of reply lengths per step (lock-step waits for the longest reply of its batch).
+   at the padded width; sample_replies: every run of its prefix tree once, and the shared
+   opening kept from one turn to the next), and the spread of reply lengths per step
+   (lock-step waits for the longest reply of its batch).
 5. Generations: the collector generates for unfinished environments only; a loop that keeps
    generating for finished ones until every episode is over (as verl-agent's does) would
    generate ``episode steps × envs`` replies.
@@ -116,6 +117,8 @@ def lock_step_generate(
 def cached_sampling(policy, prompt_batches, action_batches) -> tuple[int, float, list[list[int]]]:
     """Generated tokens, seconds and per-batch reply lengths for ``sample_replies``, through
     the policy (replies restricted to the admissible actions when it is constrained)."""
+    if policy.prefix_cache is not None:  # as the collector does at every batch
+        policy.prefix_cache.clear()
     tokens, lengths, start = 0, [], time.perf_counter()
     for prompts, actions in zip(prompt_batches, action_batches, strict=True):
         replies, _, _ = policy.generate(policy.encode(prompts), actions)
@@ -486,9 +489,11 @@ def run(args, name, model, tokenizer, precision: str) -> None:
 
     old_tokens, old_s = lock_step()
     torch.manual_seed(0)
+    reused = policy.prefix_cache.reused_tokens
     new_tokens, new_s, reply_lengths = cached_sampling(
         policy, policy.prompt_batches, policy.action_batches
     )
+    reused = policy.prefix_cache.reused_tokens - reused
     sampler_rows, collector_rows = [], []
 
     # the sampler with one of its parts taken away: what that part saves
@@ -504,6 +509,9 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     prefill.MIN_SHARED_RUN = 1 << 30  # every run folded: each distinct prompt encoded whole
     variant("  no shared runs (distinct prompts whole)")
     prefill.MIN_SHARED_RUN = shared_run
+    kept, policy.prefix_cache = policy.prefix_cache, None
+    variant("  no prefix kept between turns")
+    policy.prefix_cache = kept
     if model.device.type == "cuda":
         variant("sample_replies, no CUDA graphs", static_cache=False)
         decoding.SHADOW_WEIGHTS = False
@@ -633,6 +641,10 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         + ", ".join(f"{k} {v}" for k, v in counts.items())
         + f"; sampler saves {1 - counts['sampler'] / counts['lock-step (padded)']:.0%} of "
         f"lock-step's, {1 - counts['sampler'] / counts['every prompt']:.0%} of every prompt's"
+    )
+    print(
+        f"prefix kept between turns: {reused} prompt tokens continued instead of encoded "
+        f"again ({reused / counts['sampler']:.0%} of the sampler's count above)"
     )
     print(
         f"one forward call: {fixed * 1000:.1f} ms + {per_token * 1000:.3f} ms per prompt token "

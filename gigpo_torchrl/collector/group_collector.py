@@ -401,6 +401,9 @@ class GroupCollector:
         traj_ids = self._next_traj + torch.arange(n_env)
         self._next_traj += n_env
         self.batches_collected += 1
+        prefix_cache = getattr(self.policy, "prefix_cache", None)
+        if prefix_cache is not None:  # the weights may have changed in ways it cannot see
+            prefix_cache.clear()
 
         td = self._reset_tasks()
         raw = list(getattr(self.env, "raw_actions", None) or [False] * n_env)

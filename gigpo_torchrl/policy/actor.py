@@ -9,6 +9,7 @@ from tensordict import NonTensorStack, TensorDict, TensorDictBase, lazy_stack
 from tensordict.nn import TensorDictModuleBase
 from torchrl.modules.llm import TransformersWrapper
 
+from gigpo_torchrl.policy.prefix_cache import PrefixCache
 from gigpo_torchrl.policy.sampling import Replies, SamplingSettings, sample_replies
 
 
@@ -168,6 +169,9 @@ class LLMPolicy(TensorDictModuleBase):
             compile_decode=compile_decode,
         )
         self.sampler = sampler
+        # the prompts' shared opening (the system prompt) encoded once for a batch's turns;
+        # None: encoded at every call
+        self.prefix_cache: PrefixCache | None = PrefixCache()
         self.constrain_actions = constrain_actions
         self.scorer = scoring_wrapper(model, tokenizer)
 
@@ -231,6 +235,7 @@ class LLMPolicy(TensorDictModuleBase):
             self.sampling,
             pad_id=self.tokenizer.pad_token_id,
             choices=choices,
+            prefix_cache=self.prefix_cache,
         )
 
     @torch.no_grad()

@@ -12,6 +12,10 @@ out), and the logits after its last token.
 How the tree is encoded depends on what a forward call costs (:func:`plan`): on a CPU every
 level, split into calls of similar run lengths where padding would cost more than a call;
 on a GPU, where a call's host time dominated a prefill, the tree cut to two levels.
+
+Across calls, a :class:`~gigpo_torchrl.policy.prefix_cache.PrefixCache` keeps the roots that
+several prompts shared (the system prompt, at every turn): a root that opens with a kept
+run continues its keys and values instead of encoding them again (:func:`reuse`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+
+from gigpo_torchrl.policy.prefix_cache import PrefixCache
 
 # A shared run shorter than this is not worth a forward call of its own: its tokens are
 # encoded again in each branch below it. (Benchmarks raise it to measure what sharing saves.)
@@ -39,6 +45,8 @@ class PrefixNode:
         parent: the parent's index in the node list, -1 for a root.
         terminal: the distinct prompt that ends with this run, or -1.
         level: 0 for a root, else the parent's level + 1.
+        cached: for a root whose keys and values are kept from an earlier call (not
+            encoded), the index of that kept run (:func:`reuse`); else -1.
     """
 
     start: int
@@ -47,6 +55,7 @@ class PrefixNode:
     parent: int
     terminal: int = -1
     level: int = 0
+    cached: int = -1
 
 
 def prefix_tree(
@@ -106,6 +115,64 @@ def _fold_short_runs(nodes: list[PrefixNode], min_run: int) -> list[PrefixNode]:
     return out
 
 
+def reuse(
+    nodes: Sequence[PrefixNode],
+    prompts: Sequence[Sequence[int]],
+    kept: Sequence[Sequence[int]],
+    min_run: int = MIN_SHARED_RUN,
+) -> list[PrefixNode]:
+    """The tree with each root that opens with at least ``min_run`` tokens of a ``kept``
+    run (the longest match) split there: a new root marked ``cached`` holds those tokens
+    (their keys and values come from the kept run, not encoded), and the rest of the old
+    root's run, if any, becomes its child. A prompt that ends in the root keeps its last
+    token in an encoded node, for its logits. Parents first, levels set again."""
+    out: list[PrefixNode] = []
+    new_index: dict[int, int] = {}
+    for i, node in enumerate(nodes):
+        shared, which = 0, -1
+        if node.parent == -1:
+            run = prompts[node.member][: node.end]
+            for k, tokens in enumerate(kept):
+                common = _common_length(run, tokens)
+                if common > shared:
+                    shared, which = common, k
+            if node.terminal != -1:
+                shared = min(shared, node.end - 1)
+        if shared < min_run:
+            out.append(dataclasses.replace(node, parent=new_index.get(node.parent, -1)))
+        else:
+            out.append(PrefixNode(0, shared, node.member, -1, cached=which))
+            if shared < node.end:
+                out.append(PrefixNode(shared, node.end, node.member, len(out) - 1, node.terminal))
+        new_index[i] = len(out) - 1
+    for node in out:
+        node.level = 0 if node.parent == -1 else out[node.parent].level + 1
+    return out
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    return next((j for j in range(n) if a[j] != b[j]), n)
+
+
+def shared_roots(nodes: Sequence[PrefixNode]) -> list[int]:
+    """The encoded nodes whose run, from the prompts' first token, opens several prompts:
+    roots with children, and the rest of such a root after a kept run (a cached root's
+    only child). These are kept for the next call: the next turn's prompts open the same
+    way."""
+    children: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        children.setdefault(node.parent, []).append(i)
+    return [
+        i
+        for i, n in enumerate(nodes)
+        if n.cached == -1
+        and i in children
+        and (n.parent == -1 or (nodes[n.parent].cached != -1 and children[n.parent] == [i]))
+    ]
+
+
 def _left_padded(runs: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
     width = max(len(r) for r in runs)
     ids = torch.full((len(runs), width), pad_id, dtype=torch.long)
@@ -118,7 +185,7 @@ def _left_padded(runs: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
 
 def schedule(nodes: Sequence[PrefixNode], call_tokens: float) -> list[list[int]]:
     """The forward calls that encode ``nodes``: lists of node indices, level by level (a
-    node's parent is encoded in an earlier call).
+    node's parent is encoded in an earlier call or kept from an earlier prefill).
 
     Each call pads its runs to its longest, so a level whose runs differ in length is split
     into calls of similar runs: the split that minimises the padded tokens plus
@@ -127,7 +194,8 @@ def schedule(nodes: Sequence[PrefixNode], call_tokens: float) -> list[list[int]]
     """
     levels: dict[int, list[int]] = {}
     for i, node in enumerate(nodes):
-        levels.setdefault(node.level, []).append(i)
+        if node.cached == -1:  # a kept run is not encoded
+            levels.setdefault(node.level, []).append(i)
     calls = []
     for _, members in sorted(levels.items()):
         members.sort(key=lambda i: nodes[i].end - nodes[i].start)
@@ -174,11 +242,12 @@ def flatten(nodes: Sequence[PrefixNode], levels: int) -> list[PrefixNode]:
 
 
 def plan(
-    prompts: Sequence[Sequence[int]], device_type: str
+    prompts: Sequence[Sequence[int]], device_type: str, kept: Sequence[Sequence[int]] = ()
 ) -> tuple[list[PrefixNode], list[list[int]]]:
-    """The prefix tree of distinct prompts as encoded on a device of ``device_type``, and
-    its forward calls (:func:`schedule`): see :data:`CALL_TOKENS` and :data:`MAX_LEVELS`."""
-    nodes = prefix_tree(prompts, MIN_SHARED_RUN)
+    """The prefix tree of distinct prompts as encoded on a device of ``device_type``, its
+    roots continuing the ``kept`` runs they open with (:func:`reuse`), and its forward calls
+    (:func:`schedule`): see :data:`CALL_TOKENS` and :data:`MAX_LEVELS`."""
+    nodes = reuse(prefix_tree(prompts, MIN_SHARED_RUN), prompts, kept)
     levels = MAX_LEVELS.get(device_type, 2)
     if levels is not None:
         nodes = flatten(nodes, levels)
@@ -202,27 +271,35 @@ MAX_LEVELS: dict[str, int | None] = {"cpu": None}
 
 
 class _Encoded:
-    """The forward calls made so far: per call, per-layer keys and values ``[n, H, w, D]``,
-    the mask ``[n, w]`` and the last logits ``[n, V]``; ``at[node] = (call, row)``."""
+    """The forward calls made so far (and the kept runs used): per call, per-layer keys and
+    values ``[n, H, w, D]``, the mask ``[n, w]`` and the last logits ``[n, V]`` (None for a
+    kept run); ``at[node] = (call, row)``."""
 
     def __init__(self):
-        self.calls: list[tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]] = []
+        self.calls: list[tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor | None]] = []
         self.at: dict[int, tuple[int, int]] = {}
 
-    def gather(self, nodes: Sequence[int]) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
-        """The rows of ``nodes``, right-aligned to the widest of their calls (holes masked)."""
-        device = self.calls[0][1].device
+    def add(self, nodes: Sequence[int], kv, mask: Tensor, logits: Tensor | None) -> None:
+        self.at.update((n, (len(self.calls), row)) for row, n in enumerate(nodes))
+        self.calls.append((kv, mask, logits))
+
+    def gather(
+        self, nodes: Sequence[int], with_logits: bool = False
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor | None]:
+        """The rows of ``nodes``, right-aligned to the widest of their calls (holes masked),
+        and their logits when asked for."""
+        first_kv, first_mask, first_logits = self.calls[self.at[nodes[0]][0]]
+        device = first_mask.device
         width = max(self.calls[self.at[n][0]][1].shape[1] for n in nodes)
-        sample_kv, _, sample_logits = self.calls[0]
         kv = [
             (
                 k.new_zeros(len(nodes), k.shape[1], width, k.shape[3]),
                 v.new_zeros(len(nodes), v.shape[1], width, v.shape[3]),
             )
-            for k, v in sample_kv
+            for k, v in first_kv
         ]
         mask = torch.zeros(len(nodes), width, dtype=torch.long, device=device)
-        logits = sample_logits.new_empty(len(nodes), sample_logits.shape[1])
+        logits = first_logits.new_empty(len(nodes), first_logits.shape[1]) if with_logits else None
         by_call: dict[int, list[tuple[int, int]]] = {}
         for into, n in enumerate(nodes):
             call, row = self.at[n]
@@ -236,13 +313,19 @@ class _Encoded:
                 k_out[into, :, offset:] = k[rows]
                 v_out[into, :, offset:] = v[rows]
             mask[into, offset:] = call_mask[rows]
-            logits[into] = call_logits[rows]
+            if with_logits:
+                logits[into] = call_logits[rows]
         return kv, mask, logits
 
 
 @torch.no_grad()
 def prefill_prompts(
-    model: torch.nn.Module, prompts: Sequence[Tensor], *, pad_id: int, cache_keyword: str
+    model: torch.nn.Module,
+    prompts: Sequence[Tensor],
+    *,
+    pad_id: int,
+    cache_keyword: str,
+    prefix_cache: PrefixCache | None = None,
 ) -> tuple[DynamicCache, Tensor, Tensor]:
     """Encode distinct prompts over their prefix tree (see the module docstring).
 
@@ -251,6 +334,8 @@ def prefill_prompts(
         prompts: U distinct, non-empty int64 token sequences.
         pad_id: fills the holes (masked out).
         cache_keyword: the model's name for the cache argument.
+        prefix_cache: runs kept from earlier calls, which the prompts' roots continue
+            when they open with one; this call's shared roots are kept in it.
 
     Returns:
         ``(cache, mask, logits)``: a ``DynamicCache`` of U rows of width W; int64 ``[U, W]``
@@ -259,8 +344,15 @@ def prefill_prompts(
     """
     device = next(model.parameters()).device
     seqs = [p.tolist() for p in prompts]
-    nodes, calls = plan(seqs, device.type)
+    kept = list(prefix_cache.valid_for(model)) if prefix_cache is not None else []
+    nodes, calls = plan(seqs, device.type, [entry.tokens for entry in kept])
     encoded = _Encoded()
+    for i, node in enumerate(nodes):
+        if node.cached != -1:
+            entry = kept[node.cached]
+            prefix_cache.used(entry, node.end)
+            run = [(k[:, :, : node.end], v[:, :, : node.end]) for k, v in entry.kv]
+            encoded.add([i], run, torch.ones(1, node.end, dtype=torch.long, device=device), None)
     for call in calls:
         runs = [torch.as_tensor(seqs[nodes[i].member][nodes[i].start : nodes[i].end]) for i in call]
         ids, mask = _left_padded(runs, pad_id)
@@ -281,9 +373,14 @@ def prefill_prompts(
             **{cache_keyword: cache},
         )
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        encoded.at.update((n, (len(encoded.calls), row)) for row, n in enumerate(call))
-        encoded.calls.append((kv, mask, out.logits[:, -1].float()))
+        encoded.add(call, kv, mask, out.logits[:, -1].float())
+    if prefix_cache is not None:
+        for i in shared_roots(nodes):
+            kv, mask, _ = encoded.gather([i])
+            held = mask[0].nonzero().squeeze(-1)  # its tokens, without the calls' holes
+            run = [(k[:, :, held], v[:, :, held]) for k, v in kv]
+            prefix_cache.keep(seqs[nodes[i].member][: nodes[i].end], run)
     # one row per prompt, from the call that encoded its last run
     ends = {node.terminal: i for i, node in enumerate(nodes) if node.terminal != -1}
-    kv, mask, logits = encoded.gather([ends[u] for u in range(len(prompts))])
+    kv, mask, logits = encoded.gather([ends[u] for u in range(len(prompts))], with_logits=True)
     return DynamicCache(ddp_cache_data=kv, config=model.config), mask, logits

@@ -28,6 +28,7 @@ from torch.profiler import record_function
 from gigpo_torchrl.policy.decoding import DynamicDecoder, StaticDecoder
 from gigpo_torchrl.policy.masks import check_window
 from gigpo_torchrl.policy.prefill import prefill_prompts
+from gigpo_torchrl.policy.prefix_cache import PrefixCache
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ def sample_replies(
     *,
     pad_id: int,
     choices: Sequence[Sequence[Sequence[int]]] | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Sample one reply per prompt with ``model`` (a transformers causal LM).
 
@@ -146,6 +148,10 @@ def sample_replies(
             the model's distribution renormalised over the tokens that continue one of
             them: the log-probs are of that distribution (a token that was the only way on
             has log-prob 0), and ``allowed`` records the sets for training.
+        prefix_cache: shared prompt runs kept from earlier calls
+            (:class:`~gigpo_torchrl.policy.prefix_cache.PrefixCache`): prompts that open
+            with one continue it instead of encoding it again, and this call's shared
+            prefix is kept for the next.
 
     Returns:
         :class:`Replies`: the reply tokens, their log-probs and the allowed sets.
@@ -164,7 +170,7 @@ def sample_replies(
     with record_function("gigpo/prefill"):
         # every run of tokens that several prompts share encoded once (a prefix tree)
         cache, mask, logits = prefill_prompts(
-            model, unique, pad_id=pad_id, cache_keyword=cache_keyword
+            model, unique, pad_id=pad_id, cache_keyword=cache_keyword, prefix_cache=prefix_cache
         )
         rows = torch.tensor(source, device=device)
         logits = logits[rows]
