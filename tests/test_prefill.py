@@ -43,6 +43,10 @@ def test_tree_of_nested_prompts_by_hand():
         (19, 20, 1, 1, 2),
         (10, 13, 0, 2, 1),
     ]
+    # tuples as well as lists
+    assert shape(prefix_tree([tuple(p) for p in prompts], min_run=8)) == shape(
+        prefix_tree(prompts, min_run=8)
+    )
     # group a's 9 tokens are shorter than 10: folded into its two branches
     assert shape(prefix_tree(prompts, min_run=10)) == [
         (0, 10, -1, 3, 0),

@@ -48,7 +48,7 @@ def test_a_root_that_is_a_kept_run_is_not_encoded():
 
 
 def test_a_root_longer_than_its_kept_run_is_split_after_it():
-    kept = [[5] * 9, SYSTEM[:9] + [0]]  # the longest match wins: 9 tokens of the second
+    kept = [(5,) * 9, tuple(SYSTEM[:9]) + (0,)]  # the longest match wins: 9 of the second
     nodes = reuse(prefix_tree(PROMPTS, min_run=8), PROMPTS, kept, min_run=8)
     assert shape(nodes) == [
         (0, 9, -1, -1, 0, 1),

@@ -70,16 +70,16 @@ def prefix_tree(
     """
     if len(set(map(tuple, prompts))) != len(prompts) or any(len(p) == 0 for p in prompts):
         raise ValueError("prefix_tree needs distinct, non-empty prompts")
+    prompts = [list(p) for p in prompts]  # slices of a list equal only lists
     nodes: list[PrefixNode] = []
     # (members sharing prompts[m][:start], each longer than start; their parent node)
     pending = [(list(range(len(prompts))), 0, -1)]
     while pending:  # a stack, not recursion: one level per branching, as many as prompts
         members, start, parent = pending.pop()
-        shortest = min(len(prompts[m]) for m in members)
         first = prompts[members[0]]
-        end = start
-        while end < shortest and all(prompts[m][end] == first[end] for m in members[1:]):
-            end += 1
+        end = min(
+            (_common_length(first, prompts[m], start) for m in members[1:]), default=len(first)
+        )
         here = parent
         if end > start:
             here = len(nodes)
@@ -126,12 +126,13 @@ def reuse(
     (their keys and values come from the kept run, not encoded), and the rest of the old
     root's run, if any, becomes its child. A prompt that ends in the root keeps its last
     token in an encoded node, for its logits. Parents first, levels set again."""
+    kept = [list(tokens) for tokens in kept]  # slices of a list equal only lists
     out: list[PrefixNode] = []
     new_index: dict[int, int] = {}
     for i, node in enumerate(nodes):
         shared, which = 0, -1
         if node.parent == -1:
-            run = prompts[node.member][: node.end]
+            run = list(prompts[node.member][: node.end])
             for k, tokens in enumerate(kept):
                 common = _common_length(run, tokens)
                 if common > shared:
@@ -150,10 +151,16 @@ def reuse(
     return out
 
 
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    return next((j for j in range(n) if a[j] != b[j]), n)
+def _common_length(a: list[int], b: list[int], start: int = 0) -> int:
+    """How many leading tokens ``a`` and ``b`` share, the first ``start`` known to match."""
+    low, high = start, min(len(a), len(b))
+    while low < high:  # bisection on slice equality: the comparisons run in C
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def shared_roots(nodes: Sequence[PrefixNode]) -> list[int]:
@@ -247,7 +254,7 @@ def plan(
     """The prefix tree of distinct prompts as encoded on a device of ``device_type``, its
     roots continuing the ``kept`` runs they open with (:func:`reuse`), and its forward calls
     (:func:`schedule`): see :data:`CALL_TOKENS` and :data:`MAX_LEVELS`."""
-    nodes = reuse(prefix_tree(prompts, MIN_SHARED_RUN), prompts, kept)
+    nodes = reuse(prefix_tree(prompts, MIN_SHARED_RUN), prompts, kept, MIN_SHARED_RUN)
     levels = MAX_LEVELS.get(device_type, 2)
     if levels is not None:
         nodes = flatten(nodes, levels)

@@ -488,7 +488,7 @@ class TrainConfig:
 def auto_dtype(device: str) -> str:
     """What ``--dtype auto`` means on ``device`` (``cpu``, ``cuda``, ``cuda:N``): bfloat16
     autocast on CUDA and on a CPU with bfloat16 matrix instructions (AVX512-BF16 or AMX),
-    where the sampler runs 2.1-2.2 times as fast as in float32 (``bench_rollout.py``); float32
+    where the sampler runs 2.0-2.4 times as fast as in float32 (``bench_rollout.py``); float32
     on other CPUs (where bfloat16 has no matrix instructions to run on)."""
     import torch
 
