@@ -12,9 +12,11 @@ from gigpo_torchrl.policy.prefill import (
     plan,
     prefill_prompts,
     prefix_tree,
+    reuse,
     schedule,
 )
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
+from tests.prefill_checks import assert_rows_continue_their_prompts
 
 
 @pytest.fixture(scope="module")
@@ -103,24 +105,37 @@ prompt_sets = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
-@given(prompts=prompt_sets, min_run=st.integers(1, 4), levels=st.sampled_from([None, 1, 2, 3]))
-def test_each_prompt_is_the_runs_of_its_chain(prompts, min_run, levels):
-    nodes = prefix_tree(prompts, min_run=min_run)
+@settings(max_examples=300, deadline=None)
+@given(
+    prompts=prompt_sets,
+    kept=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=12), max_size=3),
+    min_run=st.integers(1, 4),
+    levels=st.sampled_from([None, 1, 2, 3]),
+)
+def test_each_prompt_is_the_runs_of_its_chain(prompts, kept, min_run, levels):
+    # the tree as plan() builds it: with roots continuing runs kept from an earlier call
+    nodes = reuse(prefix_tree(prompts, min_run=min_run), prompts, kept, min_run=min_run)
     if levels is not None:
         nodes = flatten(nodes, levels)
         assert all(n.level < levels for n in nodes)
     assert sorted(n.terminal for n in nodes if n.terminal != -1) == list(range(len(prompts)))
-    for node in nodes:
+    encoded = {i for call in schedule(nodes, 0.0) for i in call}
+    for i, node in enumerate(nodes):
         assert node.start < node.end
-        assert node.parent < nodes.index(node)  # parents first
-        if node.terminal == -1:
+        assert node.parent < i  # parents first
+        after_kept = node.parent != -1 and nodes[node.parent].cached != -1
+        if node.terminal == -1 and not after_kept:
             assert node.end - node.start >= min_run  # short shared runs are folded away
         if node.parent != -1:
             assert node.start == nodes[node.parent].end
             assert node.level == nodes[node.parent].level + 1
         else:
             assert node.start == 0 and node.level == 0
+        # a kept run: a root of at least min_run tokens, never encoded, no prompt ends there
+        assert (node.cached != -1) == (i not in encoded)
+        if node.cached != -1:
+            assert node.parent == -1 and node.end >= min_run and node.terminal == -1
+            assert kept[node.cached][: node.end] == prompts[node.member][: node.end]
     for node in nodes:
         if node.terminal == -1:
             continue
@@ -161,21 +176,7 @@ def test_prefill_equals_each_prompt_encoded_alone(tiny, monkeypatch, levels):
     cache, mask, logits = prefill_prompts(
         model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache"
     )
-    assert mask.sum(-1).tolist() == [len(p) for p in prompts]
-    # one more token through the cache: each row continues its own prompt
-    nxt = torch.tensor([[tokenizer.encode("x")[0]]] * len(prompts))
-    with torch.no_grad():
-        step = model(
-            input_ids=nxt,
-            attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
-            position_ids=mask.sum(-1, keepdim=True),
-            cache=cache,
-            use_cache=True,
-        ).logits[:, -1]
-        for i, prompt in enumerate(prompts):
-            alone = model(torch.cat([prompt, nxt[i]])[None]).logits[0]
-            torch.testing.assert_close(logits[i], alone[-2], atol=1e-4, rtol=0)
-            torch.testing.assert_close(step[i], alone[-1], atol=1e-4, rtol=0)
+    assert_rows_continue_their_prompts(model, tokenizer, prompts, cache, mask, logits)
 
 
 @pytest.mark.parametrize("call_tokens", [float("inf"), 0.0])

@@ -3,13 +3,10 @@ outputs against each prompt encoded alone, and when the kept keys and values are
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, make_char_tokenizer, make_tiny_model, prefill
 from gigpo_torchrl.policy.prefill import (
-    flatten,
     plan,
     prefill_prompts,
     prefix_tree,
@@ -19,6 +16,7 @@ from gigpo_torchrl.policy.prefill import (
 )
 from gigpo_torchrl.policy.prefix_cache import PrefixCache
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
+from tests.prefill_checks import assert_rows_continue_their_prompts
 
 
 @pytest.fixture(scope="module")
@@ -78,47 +76,6 @@ def test_short_matches_and_a_prompt_ending_in_the_root():
     assert shape(nodes) == [(0, 9, -1, -1, 0, 0), (9, 10, 0, 0, 1, -1), (10, 11, 1, 1, 2, -1)]
 
 
-prompt_sets = st.lists(
-    st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=8, unique_by=tuple
-)
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    prompts=prompt_sets,
-    kept=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), max_size=3),
-    min_run=st.integers(1, 4),
-    levels=st.sampled_from([None, 1, 2, 3]),
-)
-def test_each_prompt_is_its_kept_run_and_the_runs_of_its_chain(prompts, kept, min_run, levels):
-    nodes = reuse(prefix_tree(prompts, min_run=min_run), prompts, kept, min_run=min_run)
-    if levels is not None:
-        nodes = flatten(nodes, levels)
-    assert sorted(n.terminal for n in nodes if n.terminal != -1) == list(range(len(prompts)))
-    encoded = {i for call in schedule(nodes, 0.0) for i in call}
-    for i, node in enumerate(nodes):
-        assert node.parent < i and node.start < node.end
-        assert node.level == (0 if node.parent == -1 else nodes[node.parent].level + 1)
-        if node.cached != -1:
-            assert node.parent == -1 and node.start == 0 and node.end >= min_run
-            assert node.terminal == -1 and i not in encoded
-            assert list(kept[node.cached][: node.end]) == prompts[node.member][: node.end]
-        else:
-            assert i in encoded
-    for node in nodes:
-        if node.terminal == -1:
-            continue
-        chain, at = [], nodes.index(node)
-        while at != -1:
-            chain.append(nodes[at])
-            at = nodes[at].parent
-        assert chain[-1].start == 0
-        assert all(a.start == b.end for a, b in zip(chain, chain[1:], strict=False))
-        assert [t for n in reversed(chain) for t in prompts[n.member][n.start : n.end]] == (
-            prompts[node.terminal]
-        )
-
-
 def encode(tokenizer, texts):
     return [torch.tensor(tokenizer.encode(t)) for t in texts]
 
@@ -166,20 +123,7 @@ def test_the_next_turn_continues_the_kept_run_and_equals_prompts_encoded_alone(
     )
     assert cache.reused_tokens == shared
     assert fresh - tokens == shared  # the kept run was not encoded again
-    assert mask.sum(-1).tolist() == [len(p) for p in prompts]
-    nxt = torch.tensor([[tokenizer.encode("x")[0]]] * len(prompts))
-    with torch.no_grad():
-        step = model(
-            input_ids=nxt,
-            attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
-            position_ids=mask.sum(-1, keepdim=True),
-            cache=kv,
-            use_cache=True,
-        ).logits[:, -1]
-        for i, prompt in enumerate(prompts):
-            alone = model(torch.cat([prompt, nxt[i]])[None]).logits[0]
-            torch.testing.assert_close(logits[i], alone[-2], atol=1e-4, rtol=0)
-            torch.testing.assert_close(step[i], alone[-1], atol=1e-4, rtol=0)
+    assert_rows_continue_their_prompts(model, tokenizer, prompts, kv, mask, logits)
 
 
 def test_kept_runs_are_dropped_when_the_weights_or_autocast_change():

@@ -287,6 +287,7 @@ class _Encoded:
         self.at: dict[int, tuple[int, int]] = {}
 
     def add(self, nodes: Sequence[int], kv, mask: Tensor, logits: Tensor | None) -> None:
+        """Record a call (or a kept run) whose rows hold ``nodes``, in order."""
         self.at.update((n, (len(self.calls), row)) for row, n in enumerate(nodes))
         self.calls.append((kv, mask, logits))
 
