@@ -103,6 +103,14 @@ class LLMPolicy(TensorDictModuleBase):
             :func:`make_policy` builds it for ``backend="vllm"``). Its replies are then
             scored by a teacher-forced pass of ``model``, so that the behaviour log-probs
             are exactly those of the model being trained.
+
+    Attributes:
+        prefix_cache: the keys and values of the prompts' shared opening (the system
+            prompt), kept from one call to the next
+            (:class:`~gigpo_torchrl.policy.prefix_cache.PrefixCache`); emptied when the
+            weights change in place and by :class:`~gigpo_torchrl.collector.GroupCollector`
+            at every batch. Call its ``clear()`` after writing weights through
+            ``tensor.data``; set it to None to encode the opening at every call.
     """
 
     in_keys = [("text", "prompt")]
