@@ -113,11 +113,13 @@ prompt_sets = st.lists(
     levels=st.sampled_from([None, 1, 2, 3]),
 )
 def test_each_prompt_is_the_runs_of_its_chain(prompts, kept, min_run, levels):
-    # the tree as plan() builds it: with roots continuing runs kept from an earlier call
-    nodes = reuse(prefix_tree(prompts, min_run=min_run), prompts, kept, min_run=min_run)
+    # the tree as plan() builds it: cut to some levels, with roots continuing runs kept
+    # from an earlier call (a kept run adds a level)
+    nodes = prefix_tree(prompts, min_run=min_run)
     if levels is not None:
         nodes = flatten(nodes, levels)
         assert all(n.level < levels for n in nodes)
+    nodes = reuse(nodes, prompts, kept, min_run=min_run)
     assert sorted(n.terminal for n in nodes if n.terminal != -1) == list(range(len(prompts)))
     encoded = {i for call in schedule(nodes, 0.0) for i in call}
     for i, node in enumerate(nodes):

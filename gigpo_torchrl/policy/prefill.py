@@ -251,13 +251,16 @@ def flatten(nodes: Sequence[PrefixNode], levels: int) -> list[PrefixNode]:
 def plan(
     prompts: Sequence[Sequence[int]], device_type: str, kept: Sequence[Sequence[int]] = ()
 ) -> tuple[list[PrefixNode], list[list[int]]]:
-    """The prefix tree of distinct prompts as encoded on a device of ``device_type``, its
-    roots continuing the ``kept`` runs they open with (:func:`reuse`), and its forward calls
-    (:func:`schedule`): see :data:`CALL_TOKENS` and :data:`MAX_LEVELS`."""
-    nodes = reuse(prefix_tree(prompts, MIN_SHARED_RUN), prompts, kept, MIN_SHARED_RUN)
+    """The prefix tree of distinct prompts as encoded on a device of ``device_type`` (see
+    :data:`MAX_LEVELS`), its roots continuing the ``kept`` runs they open with
+    (:func:`reuse`: a kept run adds a level that is not encoded, and the rest of a longer
+    root gets a call of its own, to be kept in turn), and its forward calls
+    (:func:`schedule`, :data:`CALL_TOKENS`)."""
+    nodes = prefix_tree(prompts, MIN_SHARED_RUN)
     levels = MAX_LEVELS.get(device_type, 2)
     if levels is not None:
         nodes = flatten(nodes, levels)
+    nodes = reuse(nodes, prompts, kept, MIN_SHARED_RUN)
     return nodes, schedule(nodes, CALL_TOKENS.get(device_type, float("inf")))
 
 
