@@ -170,9 +170,13 @@ def test_bad_sizes_are_refused_and_the_least_recently_used_run_goes():
     assert cache.reused_tokens == 1
 
 
-def test_sampled_log_probs_with_kept_runs_are_the_teacher_forced_ones(tiny):
-    tokenizer, model = tiny
-    settings = SamplingSettings(max_new_tokens=6, eos_ids=(tokenizer.eos_token_id,))
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_sampled_log_probs_with_kept_runs_are_the_teacher_forced_ones(device, static_cache):
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model(tokenizer, seed=0).to(device)
+    settings = SamplingSettings(
+        max_new_tokens=6, eos_ids=(tokenizer.eos_token_id,), static_cache=static_cache
+    )
     cache = PrefixCache()
     torch.manual_seed(0)
     for texts in (TURN_1, TURN_2, TURN_2[::-1]):
@@ -184,9 +188,11 @@ def test_sampled_log_probs_with_kept_runs_are_the_teacher_forced_ones(tiny):
             prompts, replies.tokens, replies.log_probs, strict=True
         ):
             with torch.no_grad():
-                full = model(torch.cat([prompt, reply])[None]).logits[0].log_softmax(-1)
-            expected = full[len(prompt) - 1 : -1].gather(-1, reply[:, None]).squeeze(-1)
-            torch.testing.assert_close(log_probs, expected, atol=1e-4, rtol=0)
+                full = model(torch.cat([prompt, reply])[None].to(device)).logits[0]
+            expected = full.log_softmax(-1)[len(prompt) - 1 : -1].gather(
+                -1, reply[:, None].to(device)
+            )
+            torch.testing.assert_close(log_probs, expected.squeeze(-1).cpu(), atol=1e-4, rtol=0)
     assert cache.reused_tokens > 0
 
 
