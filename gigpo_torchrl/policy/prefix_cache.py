@@ -30,7 +30,7 @@ from torch import Tensor
 MAX_ENTRIES = 4
 
 
-@dataclass
+@dataclass(eq=False)  # entries are told apart by identity, never by comparing tensors
 class CachedPrefix:
     """One kept run of prompt tokens, from a prompt's first token.
 
