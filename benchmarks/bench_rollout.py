@@ -509,9 +509,9 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     prefill.MIN_SHARED_RUN = 1 << 30  # every run folded: each distinct prompt encoded whole
     variant("  no shared runs (distinct prompts whole)")
     prefill.MIN_SHARED_RUN = shared_run
-    kept, policy.prefix_cache = policy.prefix_cache, None
+    prefix_cache, policy.prefix_cache = policy.prefix_cache, None
     variant("  no prefix kept between turns")
-    policy.prefix_cache = kept
+    policy.prefix_cache = prefix_cache
     if model.device.type == "cuda":
         variant("sample_replies, no CUDA graphs", static_cache=False)
         decoding.SHADOW_WEIGHTS = False

@@ -177,8 +177,6 @@ class LLMPolicy(TensorDictModuleBase):
             compile_decode=compile_decode,
         )
         self.sampler = sampler
-        # the prompts' shared opening (the system prompt) encoded once for a batch's turns;
-        # None: encoded at every call
         self.prefix_cache: PrefixCache | None = PrefixCache()
         self.constrain_actions = constrain_actions
         self.scorer = scoring_wrapper(model, tokenizer)
