@@ -52,7 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from gigpo_torchrl.collector import GroupCollector
-from gigpo_torchrl.policy import LLMPolicy, decoding, load_model, prefill
+from gigpo_torchrl.policy import LLMPolicy, decoding, load_model, prefill, sampling
 from gigpo_torchrl.policy.actor import action_choices, read_actions
 from gigpo_torchrl.policy.decoding import DynamicDecoder
 from gigpo_torchrl.policy.prefill import encoded_tokens
@@ -513,6 +513,11 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     variant("  no prefix kept between turns")
     policy.prefix_cache = prefix_cache
     if model.device.type == "cuda":
+        # the default decodes ahead of the host; reading each step's tokens back (as the
+        # loop did before, and still does with choices) leaves the GPU idle meanwhile
+        sampling.SYNC_EVERY_STEP = True
+        variant("  tokens read back at every decode step")
+        sampling.SYNC_EVERY_STEP = False
         variant("sample_replies, no CUDA graphs", static_cache=False)
         decoding.SHADOW_WEIGHTS = False
         variant("  graphs, autocast casts every step")

@@ -1,9 +1,11 @@
 """Reply sampling against transformers' own ``generate`` and teacher forcing."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model, sampling
+from gigpo_torchrl.policy import decoding, make_char_tokenizer, make_tiny_model, sampling
 from gigpo_torchrl.policy.sampling import SamplingSettings, draw, sample_replies
 
 
@@ -101,6 +103,67 @@ def test_forbidden_tokens_and_eos(tiny, static_cache):
         # a reply ends at its first eos, or runs to the limit without one
         assert eos not in reply[:-1].tolist()
         assert reply[-1] == eos or len(reply) == 10
+
+
+def counting_steps(monkeypatch) -> list:
+    """Calls of either decoder's ``step``, recorded in the returned list."""
+    steps = []
+    for decoder in (decoding.StaticDecoder, decoding.DynamicDecoder):
+        step = decoder.step
+        monkeypatch.setattr(decoder, "step", lambda d, t, step=step: steps.append(1) or step(d, t))
+    return steps
+
+
+def test_decoding_ahead_gives_the_replies_without_eos_cut_after_their_first(tiny, monkeypatch):
+    """On a static cache the host queues step after step, tokens kept on the device, and a
+    finished reply's row goes on sampling (cut at the end): so under one seed every reply
+    is the one sampled without eos ids, cut after its first eos, with the same log-probs,
+    and decoding stops at the step where the last reply ended (on a CPU, read at once)."""
+    tokenizer, model = tiny
+    batch = prompts(tokenizer)
+    free = SamplingSettings(max_new_tokens=10, temperature=1.0, static_cache=True)
+    torch.manual_seed(5)
+    tokens, log_probs, _ = sample_replies(model, batch, free, pad_id=tokenizer.pad_token_id)
+    # a token from each reply's third to fifth place: the replies end at different steps
+    eos = tuple({int(reply[2 + i % 3]) for i, reply in enumerate(tokens)})
+    ends = [min(r.tolist().index(e) for e in eos if e in r.tolist()) + 1 for r in tokens]
+    assert len(set(ends)) > 1
+    steps = counting_steps(monkeypatch)
+    torch.manual_seed(5)
+    cut = sample_replies(
+        model, batch, dataclasses.replace(free, eos_ids=eos), pad_id=tokenizer.pad_token_id
+    )
+    assert [r.tolist() for r in cut.tokens] == [
+        r[:n].tolist() for r, n in zip(tokens, ends, strict=True)
+    ]
+    for lp, full, n in zip(cut.log_probs, log_probs, ends, strict=True):
+        assert torch.equal(lp, full[:n])
+    assert len(steps) == max(ends) - 1
+
+
+@pytest.mark.parametrize(
+    "static, watch",
+    [(True, False), (True, True), (False, True)],
+    ids=["ahead", "static-every-step", "dynamic"],
+)
+def test_decoding_stops_at_the_step_the_last_reply_ended(tiny, monkeypatch, static, watch):
+    tokenizer, model = tiny
+    monkeypatch.setattr(sampling, "SYNC_EVERY_STEP", watch)
+    steps = counting_steps(monkeypatch)
+    # about a third of the vocabulary ends a reply: ends at different steps, all before 12
+    settings = SamplingSettings(
+        max_new_tokens=12, eos_ids=tuple(range(0, len(tokenizer), 3)), static_cache=static
+    )
+    torch.manual_seed(6)
+    replies, log_probs, _ = sample_replies(
+        model, prompts(tokenizer) * 2, settings, pad_id=tokenizer.pad_token_id
+    )
+    lengths = [len(r) for r in replies]
+    assert len(set(lengths)) > 1 and max(lengths) < 12
+    assert len(steps) == max(lengths) - 1
+    for reply, lp in zip(replies, log_probs, strict=True):
+        assert len(lp) == len(reply) and reply[-1] in settings.eos_ids
+        assert not set(reply[:-1].tolist()) & set(settings.eos_ids)
 
 
 def test_a_common_prefix_is_prefilled_once(tiny):
@@ -230,14 +293,16 @@ def test_nucleus_sampling_draws_only_inside_the_nucleus(device):
     assert ((counts - rows * p).abs() <= spread).all(), (counts, rows * p)
 
 
-def test_nan_logits_are_reported_not_sampled(device):
+def test_nan_logits_are_reported_not_sampled(device, static_cache):
     tokenizer = make_char_tokenizer()
     model = make_tiny_model(tokenizer, seed=3).to(device)
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))  # a diverged model: every logit NaN
     prompts = [torch.tensor(tokenizer.encode(t)) for t in ("go", "stay")]
     for temperature in (1.0, 0.0):
-        settings = SamplingSettings(max_new_tokens=3, temperature=temperature)
+        settings = SamplingSettings(
+            max_new_tokens=3, temperature=temperature, static_cache=static_cache
+        )
         with pytest.raises(ValueError, match="logits are NaN .* for 2 of 2 replies"):
             sample_replies(model, prompts, settings, pad_id=tokenizer.pad_token_id)
 

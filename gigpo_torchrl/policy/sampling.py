@@ -9,13 +9,15 @@ prefilled once, over the prefix tree of the distinct prompts (a run of tokens se
 them share is encoded once: :mod:`~gigpo_torchrl.policy.prefill`), and the cache rows are
 copied for the replies that follow; a reply that reached eos leaves the batch, so no
 compute is spent decoding past it (on a CUDA device the decode steps replay a CUDA graph of
-a fixed shape instead: see :mod:`~gigpo_torchrl.policy.decoding`).
+a fixed shape instead: see :mod:`~gigpo_torchrl.policy.decoding`; there the tokens stay on
+the device and the host queues each step without waiting for the one before).
 Every reply token's log-prob comes from the raw (untempered) logits that sampled it: the
 teacher-forced log-prob of that token.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,8 +63,10 @@ class SamplingSettings:
 def _pick(logits: Tensor, settings: SamplingSettings) -> Tensor:
     """One token per row of float ``[n, V]`` logits."""
     if settings.forbidden_ids:
-        logits = logits.clone()
-        logits[:, list(settings.forbidden_ids)] = float("-inf")
+        # an index tensor made where the logits are (a list would be copied to the device
+        # at every step, and a copy from pageable memory waits for the device)
+        forbidden = _on(logits.device, settings.forbidden_ids)
+        logits = logits.index_fill(-1, forbidden, float("-inf"))
     if settings.temperature == 0:
         return logits.argmax(-1)
     probs = (logits / settings.temperature).softmax(-1)
@@ -73,6 +77,11 @@ def _pick(logits: Tensor, settings: SamplingSettings) -> Tensor:
         sorted_probs = sorted_probs.masked_fill(drop, 0)
         return order.gather(-1, draw(sorted_probs)[:, None]).squeeze(-1)
     return draw(probs)
+
+
+@functools.lru_cache(maxsize=16)
+def _on(device: torch.device, ids: tuple[int, ...]) -> Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 # Entries per float64 part of :func:`draw` on a CPU: larger temporaries are mapped afresh by
@@ -190,12 +199,39 @@ def sample_replies(
                 model, cache, rows, mask[rows], settings.max_new_tokens, cache_keyword
             )
 
-    count = len(prompts)
+    eos = torch.tensor(settings.eos_ids, dtype=torch.long, device=device)
+    if isinstance(decoder, StaticDecoder) and not choices and not SYNC_EVERY_STEP:
+        tokens, log_probs, lengths = _sample_ahead(decoder, logits, settings, eos)
+        allowed = None
+    else:
+        tokens, log_probs, lengths, allowed = _sample_watched(
+            decoder, logits, settings, eos, choices
+        )
+    lengths = lengths.tolist()
+    return Replies(
+        [tokens[i, :n] for i, n in enumerate(lengths)],
+        [log_probs[i, :n] for i, n in enumerate(lengths)],
+        [_padded(allowed[i][:n]) for i, n in enumerate(lengths)] if choices else None,
+    )
+
+
+# Benchmarks set it to read each step's tokens back before the next step also on a static
+# cache (as choices always do), to measure what running ahead saves.
+SYNC_EVERY_STEP = False
+
+
+def _sample_watched(decoder, logits: Tensor, settings: SamplingSettings, eos: Tensor, choices):
+    """The decode loop that reads each step's tokens back to the host before the next step:
+    finished replies leave the batch, and ``choices`` restrict each step's tokens.
+
+    Returns int64 ``[R, max_new_tokens]`` tokens, float ``[R, max_new_tokens]`` log-probs,
+    int64 ``[R]`` reply lengths (all on the CPU) and, per reply, the allowed sets of each
+    step (empty lists without ``choices``)."""
+    count = len(logits)
     tokens = torch.zeros(count, settings.max_new_tokens, dtype=torch.long)
     log_probs = torch.zeros(count, settings.max_new_tokens)
     lengths = torch.full((count,), settings.max_new_tokens, dtype=torch.long)
     active = torch.arange(count)  # batch row -> reply index
-    eos = torch.tensor(settings.eos_ids, dtype=torch.long, device=device)
     steps_allowed: list[list] = [[] for _ in range(count)]  # per reply, per token
     for t in range(settings.max_new_tokens):
         allowed = _allowed(choices, active.tolist(), tokens[:, :t])
@@ -213,11 +249,7 @@ def sample_replies(
         # one device-to-host copy per step (token ids are exact in float32 below 2**24)
         picked = torch.stack([token.float(), log_prob, torch.isin(token, eos).float()]).cpu()
         if bool(picked[1].isnan().any()):
-            raise ValueError(
-                f"the model's next-token logits are NaN (or all -inf) for "
-                f"{int(picked[1].isnan().sum())} of {len(active)} replies at reply token {t}: "
-                "its weights or activations have diverged"
-            )
+            raise _diverged(int(picked[1].isnan().sum()), len(active), t)
         ended = picked[2].bool()
         tokens[active, t] = picked[0].long()
         log_probs[active, t] = picked[1]
@@ -229,18 +261,83 @@ def sample_replies(
             if keep.numel() == 0:
                 break
             active = active[keep]
-            keep = keep.to(device)
+            keep = keep.to(logits.device)
             token = token[keep]
             decoder.keep(keep)
         if t + 1 == settings.max_new_tokens:
             break
         with record_function("gigpo/decode_step"):
             logits = decoder.step(token)
-    lengths = lengths.tolist()
-    return Replies(
-        [tokens[i, :n] for i, n in enumerate(lengths)],
-        [log_probs[i, :n] for i, n in enumerate(lengths)],
-        [_padded(steps_allowed[i][:n]) for i, n in enumerate(lengths)] if choices else None,
+    return tokens, log_probs, lengths, steps_allowed
+
+
+def _sample_ahead(
+    decoder: StaticDecoder, logits: Tensor, settings: SamplingSettings, eos: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The decode loop on a static cache, where finished replies keep their rows anyway:
+    tokens, log-probs and reply ends stay on the device, so the host queues step after step
+    without waiting for one to finish (on a GPU, the host's work for a step overlaps the
+    kernels of the step before). The host reads back only whether every reply has ended,
+    a step late on a CUDA device (so at most one step runs past the last eos), and checks
+    the log-probs for NaN once at the end. A finished reply's row goes on sampling; what it
+    samples past its eos is dropped.
+
+    Returns, on the CPU: int64 ``[R, max_new_tokens]`` tokens, float ``[R, max_new_tokens]``
+    log-probs and int64 ``[R]`` reply lengths."""
+    device, count, limit = logits.device, len(logits), settings.max_new_tokens
+    tokens = torch.zeros(count, limit, dtype=torch.long, device=device)
+    log_probs = torch.zeros(count, limit, device=device)
+    lengths = torch.full((count,), limit, dtype=torch.long, device=device)
+    done = torch.zeros(count, dtype=torch.bool, device=device)
+    ended_by = _EndWatch(device, limit)
+    for t in range(limit):
+        token = _pick(logits, settings)
+        tokens[:, t] = token
+        log_probs[:, t] = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        ended = torch.isin(token, eos) & ~done
+        lengths.masked_fill_(ended, t + 1)
+        done |= ended
+        if t + 1 == limit or ended_by.step(t, done):
+            break
+        with record_function("gigpo/decode_step"):
+            logits = decoder.step(token)
+    tokens, log_probs, lengths = tokens.cpu(), log_probs.cpu(), lengths.cpu()
+    bad = log_probs.isnan() & (torch.arange(limit) < lengths[:, None])
+    if bool(bad.any()):
+        t = int(bad.any(0).nonzero()[0])
+        raise _diverged(int(bad[:, t].sum()), int((lengths > t).sum()), t)
+    return tokens, log_probs, lengths
+
+
+class _EndWatch:
+    """Whether every reply has ended, read without stalling a CUDA device: each step's
+    answer is copied to pinned host memory as the device gets to it, and the host reads
+    the previous step's (by then done or nearly, while this step's kernels run). On a CPU
+    the answer is this step's."""
+
+    def __init__(self, device: torch.device, steps: int):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.flags = torch.zeros(steps, dtype=torch.bool, pin_memory=True)
+            self.events = [torch.cuda.Event() for _ in range(steps)]
+
+    def step(self, t: int, done: Tensor) -> bool:
+        """Record step ``t``'s bool ``[R]`` ``done``; True once every reply is known to
+        have ended."""
+        if not self.cuda:
+            return bool(done.all())
+        self.flags[t].copy_(done.all(), non_blocking=True)
+        self.events[t].record()
+        if t == 0:
+            return False
+        self.events[t - 1].synchronize()
+        return bool(self.flags[t - 1])
+
+
+def _diverged(rows: int, of: int, t: int) -> ValueError:
+    return ValueError(
+        f"the model's next-token logits are NaN (or all -inf) for {rows} of {of} replies "
+        f"at reply token {t}: its weights or activations have diverged"
     )
 
 
