@@ -11,6 +11,7 @@
 #
 #   bash scripts/gpu_check.sh                 # python from .venv/ if there is one
 #   PYTHON=python3 bash scripts/gpu_check.sh  # or another interpreter with the project
+#   GPU_CHECK_BUNDLE=DIR bash scripts/gpu_check.sh   # offline: DIR from offline_bundle.sh
 #
 # Every step runs even when one before it failed; the last line names the failed steps.
 set -uo pipefail
@@ -18,6 +19,14 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" \
     || exit 1
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+if [ -n "${GPU_CHECK_BUNDLE:-}" ]; then
+    # the bundle's wheels and the project, ahead of what the interpreter has installed
+    "$python" -m pip install -q --no-deps --no-build-isolation --target "$out/site" \
+        "$GPU_CHECK_BUNDLE"/wheels/*.whl . || exit 1
+    export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}" GIGPO_CACHE="$GPU_CHECK_BUNDLE/cache"
+fi
 "$python" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 failed=()
 
@@ -32,8 +41,6 @@ shape=(--model random:smollm2-135m --env sokoban --groups 8 --generations 8 --ma
 timeout "${GPU_CHECK_CB_TIMEOUT:-300}" "$python" benchmarks/bench_rollout.py "${shape[@]}" \
     --cb-batch-tokens 0 || failed+=("bench_rollout continuous batching")
 
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
 for model in ${GPU_CHECK_MODELS:-random:smollm2-135m random:qwen2.5-1.5b}; do
     run=$(echo "$model" | tr ':.' '__')
     "$python" -m gigpo_torchrl.train --model "$model" --env sokoban --num_groups 8 \
