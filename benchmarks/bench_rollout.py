@@ -245,7 +245,7 @@ def prefill_tokens(token_batches, device: str) -> dict[str, int]:
         common = common if common >= prefill.MIN_SHARED_RUN else 0
         counts["one shared prefix"] += common + len(unique) * max(len(p) - common for p in unique)
         # sample_replies: the prefix tree's runs in left-padded forward calls, level by level
-        nodes, calls = prefill.plan([p.tolist() for p in unique], device)
+        nodes, calls, _ = prefill.plan([p.tolist() for p in unique], device)
         counts["sampler"] += encoded_tokens(nodes, calls)
         counts["sampler calls"] += len(calls)
     return counts
@@ -510,7 +510,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     variant("  no shared runs (distinct prompts whole)")
     prefill.MIN_SHARED_RUN = shared_run
     prefix_cache, policy.prefix_cache = policy.prefix_cache, None
-    variant("  no prefix kept between turns")
+    variant("  no prompts kept between turns")
     policy.prefix_cache = prefix_cache
     if model.device.type == "cuda":
         # the default decodes ahead of the host; reading each step's tokens back (as the
@@ -648,7 +648,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         f"lock-step's, {1 - counts['sampler'] / counts['every prompt']:.0%} of every prompt's"
     )
     print(
-        f"prefix kept between turns: {reused} prompt tokens continued instead of encoded "
+        f"prompts kept between turns: {reused} prompt tokens continued instead of encoded "
         f"again ({reused / counts['sampler']:.0%} of the sampler's count above)"
     )
     print(

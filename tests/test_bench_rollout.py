@@ -46,9 +46,9 @@ def test_tiny_configuration_runs_and_prints_its_ratios():
     ).stdout
     assert "sample_replies (prefix-tree prefill)" in out
     assert "no shared runs" in out
-    assert "no prefix kept between turns" in out
-    # the second turn continued the first's shared opening
-    kept = re.search(r"^prefix kept between turns: (\d+) prompt tokens", out, re.MULTILINE)
+    assert "no prompts kept between turns" in out
+    # the second turn continued the first turn's prompts
+    kept = re.search(r"^prompts kept between turns: (\d+) prompt tokens", out, re.MULTILINE)
     assert kept and int(kept.group(1)) > 0
     # the collector's second, warm run replays its first batch: the same replies
     first = re.search(r"^GroupCollector, first batch \(warm-ups\)\s+(\d+)", out, re.MULTILINE)

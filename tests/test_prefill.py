@@ -82,9 +82,9 @@ def test_plan_by_device_type():
     system = list(range(100, 110))
     prompts = [system + list(range(200, 209)) + [1], system + list(range(200, 209)) + [2]]
     prompts.append(system + [3])
-    cpu_nodes, cpu_calls = plan(prompts, "cpu")  # the whole tree
+    cpu_nodes, cpu_calls, _ = plan(prompts, "cpu")  # the whole tree
     assert max(n.level for n in cpu_nodes) == 2
-    cuda_nodes, cuda_calls = plan(prompts, "cuda")  # the shared prefix, then the rest
+    cuda_nodes, cuda_calls, _ = plan(prompts, "cuda")  # the shared prefix, then the rest
     assert max(n.level for n in cuda_nodes) == 1
     assert [len(c) for c in cuda_calls] == [1, 3]
 
@@ -113,8 +113,8 @@ prompt_sets = st.lists(
     levels=st.sampled_from([None, 1, 2, 3]),
 )
 def test_each_prompt_is_the_runs_of_its_chain(prompts, kept, min_run, levels):
-    # the tree as plan() builds it: cut to some levels, with roots continuing runs kept
-    # from an earlier call (a kept run adds a level)
+    # the tree as plan() builds it: cut to some levels, with the runs that prompts kept from
+    # an earlier call hold taken from them (cached roots, never encoded)
     nodes = prefix_tree(prompts, min_run=min_run)
     if levels is not None:
         nodes = flatten(nodes, levels)
@@ -126,18 +126,19 @@ def test_each_prompt_is_the_runs_of_its_chain(prompts, kept, min_run, levels):
         assert node.start < node.end
         assert node.parent < i  # parents first
         after_kept = node.parent != -1 and nodes[node.parent].cached != -1
-        if node.terminal == -1 and not after_kept:
+        if node.terminal == -1 and not after_kept and node.cached == -1:
             assert node.end - node.start >= min_run  # short shared runs are folded away
         if node.parent != -1:
             assert node.start == nodes[node.parent].end
-            assert node.level == nodes[node.parent].level + 1
+            assert node.level == (0 if after_kept else nodes[node.parent].level + 1)
         else:
             assert node.start == 0 and node.level == 0
-        # a kept run: a root of at least min_run tokens, never encoded, no prompt ends there
+        # a kept opening: a root that something continues, never encoded, no prompt ends there
         assert (node.cached != -1) == (i not in encoded)
         if node.cached != -1:
-            assert node.parent == -1 and node.end >= min_run and node.terminal == -1
-            assert kept[node.cached][: node.end] == prompts[node.member][: node.end]
+            assert node.parent == -1 and node.terminal == -1
+            assert any(n.parent == i for n in nodes)
+            assert list(kept[node.cached][: node.end]) == prompts[node.member][: node.end]
     for node in nodes:
         if node.terminal == -1:
             continue
@@ -145,11 +146,26 @@ def test_each_prompt_is_the_runs_of_its_chain(prompts, kept, min_run, levels):
         while at != -1:
             chain.append(nodes[at])
             at = nodes[at].parent
+        prompt = prompts[node.terminal]
         tokens = [t for n in reversed(chain) for t in prompts[n.member][n.start : n.end]]
-        assert tokens == prompts[node.terminal]
+        assert tokens == prompt
         # every prompt below a run shares it
         for n in chain:
-            assert prompts[node.terminal][n.start : n.end] == prompts[n.member][n.start : n.end]
+            assert prompt[n.start : n.end] == prompts[n.member][n.start : n.end]
+        # the longest kept opening (written out here), less the last token, is not encoded,
+        # but for the last token of a shorter prompt that ends in it (for its logits)
+        longest = max((common(prompt, k) for k in kept), default=0)
+        longest = min(longest, len(prompt) - 1) if longest >= min_run else 0
+        encoded_before = sum(max(0, min(n.end, longest) - n.start) for n in chain if n.cached == -1)
+        assert encoded_before <= sum(n.terminal != -1 for n in chain[1:])
+        assert chain[0].cached == -1  # its last token is encoded, for its logits
+
+
+def common(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 SYSTEM = "<|im_start|>system\nYou play a text game.<|im_end|>\n<|im_start|>user\nTask: "

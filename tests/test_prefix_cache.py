@@ -1,5 +1,5 @@
-"""Shared prompt prefixes kept between sampler calls: the tree by hand, its invariants, the
-outputs against each prompt encoded alone, and when the kept keys and values are dropped."""
+"""Prompts kept between sampler calls: the tree by hand, the outputs against each prompt
+encoded alone, and when the kept keys and values are dropped."""
 
 import pytest
 import torch
@@ -7,12 +7,12 @@ import torch
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, make_char_tokenizer, make_tiny_model, prefill
 from gigpo_torchrl.policy.prefill import (
+    longest_openings,
     plan,
     prefill_prompts,
     prefix_tree,
     reuse,
     schedule,
-    shared_roots,
 )
 from gigpo_torchrl.policy.prefix_cache import PrefixCache
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
@@ -30,46 +30,39 @@ def shape(nodes):
 
 
 SYSTEM = list(range(100, 110))  # 10 tokens every prompt opens with
-PROMPTS = [SYSTEM + [1, 2], SYSTEM + [3, 4, 5], SYSTEM + [6]]
+PROMPTS = [SYSTEM + [1, 2, 9], SYSTEM + [3, 4, 5], SYSTEM + [6]]
+KEPT = [SYSTEM + [1, 2, 3], SYSTEM + [3, 4]]
 
 
-def test_a_root_that_is_a_kept_run_is_not_encoded():
-    nodes = reuse(prefix_tree(PROMPTS, min_run=8), PROMPTS, [SYSTEM + [7, 7]], min_run=8)
+def test_each_prompt_continues_the_longest_opening_it_shares_with_a_kept_prompt():
+    # 12 tokens of the first kept prompt, 12 of the second (its last token left out: the
+    # logits come from encoding it), 10 of either
+    assert longest_openings(PROMPTS, KEPT, min_run=8) == [(12, 0), (12, 1), (10, 1)]
+    nodes = reuse(prefix_tree(PROMPTS, min_run=8), PROMPTS, KEPT, min_run=8)
     assert shape(nodes) == [
-        (0, 10, -1, -1, 0, 0),  # the system run, from kept run 0
-        (10, 12, 0, 0, 1, -1),
-        (10, 13, 0, 1, 1, -1),
-        (10, 11, 0, 2, 1, -1),
+        (0, 10, -1, -1, 0, 1),  # the system run, from a kept prompt
+        (0, 12, -1, -1, 0, 0),  # the first prompt's first 12 tokens, kept
+        (12, 13, 1, 0, 0, -1),
+        (0, 12, -1, -1, 0, 1),
+        (12, 13, 3, 1, 0, -1),
+        (10, 11, 0, 2, 0, -1),  # continues the system run
     ]
-    assert [sorted(call) for call in schedule(nodes, float("inf"))] == [[1, 2, 3]]
-    assert shared_roots(nodes) == []  # nothing new to keep
+    # everything left to encode is on level 0: one call, of 3 of the 17 tokens
+    assert [sorted(call) for call in schedule(nodes, float("inf"))] == [[2, 4, 5]]
+    for device_type in ("cpu", "cuda"):  # the tree has two levels: the same on a GPU
+        nodes, calls, reused = plan(PROMPTS, device_type, KEPT)
+        assert len(calls) == 1 and reused == 17 - 3
 
 
-def test_a_root_longer_than_its_kept_run_is_split_after_it():
-    kept = [(5,) * 9, tuple(SYSTEM[:9]) + (0,)]  # the longest match wins: 9 of the second
-    nodes = reuse(prefix_tree(PROMPTS, min_run=8), PROMPTS, kept, min_run=8)
-    assert shape(nodes) == [
-        (0, 9, -1, -1, 0, 1),
-        (9, 10, 0, -1, 1, -1),  # the rest of the system run, a level deeper
-        (10, 12, 1, 0, 2, -1),
-        (10, 13, 1, 1, 2, -1),
-        (10, 11, 1, 2, 2, -1),
-    ]
-    assert shared_roots(nodes) == [1]  # kept next: the whole system run, from token 0
-    # on a GPU (the tree cut to two levels) the same: the rest of the system run, then
-    # every prompt's rest; once the whole system run is kept, one call
-    assert shape(plan(PROMPTS, "cuda", kept)[0]) == shape(nodes)
-    nodes, calls = plan(PROMPTS, "cuda", [SYSTEM])
-    assert [n.cached for n in nodes] == [0, -1, -1, -1] and len(calls) == 1
-
-
-def test_short_matches_and_a_prompt_ending_in_the_root():
+def test_a_kept_opening_that_a_shorter_prompt_ends_in_and_short_matches():
     nodes = prefix_tree(PROMPTS, min_run=8)
     assert shape(reuse(nodes, PROMPTS, [SYSTEM[:7]], min_run=8)) == shape(nodes)
-    # a prompt that is the shared run itself keeps its last token encoded, for its logits
+    assert shape(reuse(nodes, PROMPTS, [], min_run=8)) == shape(nodes)
+    # a prompt that ends in the kept opening keeps its last token encoded, for its logits, and
+    # the prompt that goes on continues that token's row
     prompts = [SYSTEM, SYSTEM + [1]]
     nodes = reuse(prefix_tree(prompts, min_run=8), prompts, [SYSTEM + [1, 2]], min_run=8)
-    assert shape(nodes) == [(0, 9, -1, -1, 0, 0), (9, 10, 0, 0, 1, -1), (10, 11, 1, 1, 2, -1)]
+    assert shape(nodes) == [(0, 9, -1, -1, 0, 0), (9, 10, 0, 0, 0, -1), (10, 11, 1, 1, 1, -1)]
 
 
 def encode(tokenizer, texts):
@@ -81,9 +74,12 @@ TURN_1 = [SYSTEM_TEXT + "Task: reach the goal.", SYSTEM_TEXT + "Task: push the b
 TURN_2 = [SYSTEM_TEXT + "Task: reach the goal. You moved.", SYSTEM_TEXT + "Task: wait."]
 
 
-def forward_tokens(model, call):
+def real_tokens(model, pad, call):
+    """``call()``'s result and the prompt tokens its forwards encoded (padding left out)."""
     seen = []
-    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    hook = model.model.embed_tokens.register_forward_hook(
+        lambda m, i, o: seen.append(int((i[0] != pad).sum()))
+    )
     try:
         return call(), sum(seen)
     finally:
@@ -91,7 +87,7 @@ def forward_tokens(model, call):
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"], ids=["tree", "two-levels"])
-def test_the_next_turn_continues_the_kept_run_and_equals_prompts_encoded_alone(
+def test_the_next_turn_continues_the_kept_prompts_and_equals_prompts_encoded_alone(
     tiny, monkeypatch, device_type
 ):
     tokenizer, model = tiny
@@ -101,25 +97,26 @@ def test_the_next_turn_continues_the_kept_run_and_equals_prompts_encoded_alone(
     monkeypatch.setitem(prefill.CALL_TOKENS, "cpu", prefill.CALL_TOKENS.get(device_type, inf))
     cache = PrefixCache()
     pad = tokenizer.pad_token_id
-    prefill_prompts(
-        model, encode(tokenizer, TURN_1), pad_id=pad, cache_keyword="cache", prefix_cache=cache
-    )
-    shared = len(tokenizer.encode(SYSTEM_TEXT + "Task: "))
-    assert [len(e.tokens) for e in cache.entries] == [shared]
+    first = encode(tokenizer, TURN_1)
+    prefill_prompts(model, first, pad_id=pad, cache_keyword="cache", prefix_cache=cache)
+    assert cache.kept.tokens == [tuple(p.tolist()) for p in first]
     assert cache.reused_tokens == 0
     prompts = encode(tokenizer, TURN_2)
-    (kv, mask, logits), tokens = forward_tokens(
+    (kv, mask, logits), tokens = real_tokens(
         model,
+        pad,
         lambda: prefill_prompts(
             model, prompts, pad_id=pad, cache_keyword="cache", prefix_cache=cache
         ),
     )
-    _, fresh = forward_tokens(
-        model, lambda: prefill_prompts(model, prompts, pad_id=pad, cache_keyword="cache")
+    _, fresh = real_tokens(
+        model, pad, lambda: prefill_prompts(model, prompts, pad_id=pad, cache_keyword="cache")
     )
-    assert cache.reused_tokens == shared
-    assert fresh - tokens == shared  # the kept run was not encoded again
+    # the first prompt goes on from the whole of the last turn's first prompt; the second
+    # shares the system run and "Task: " with it, which the tree encodes once
+    assert cache.reused_tokens == fresh - tokens == len(first[0])
     assert_rows_continue_their_prompts(model, tokenizer, prompts, kv, mask, logits)
+    assert cache.kept.tokens == [tuple(p.tolist()) for p in prompts]  # the last call's only
 
 
 def test_kept_runs_are_dropped_when_the_weights_or_autocast_change():
@@ -133,21 +130,21 @@ def test_kept_runs_are_dropped_when_the_weights_or_autocast_change():
         )[2]
 
     turn(TURN_1)
-    assert len(cache.valid_for(model)) == 1
+    assert cache.valid_for(model) is not None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model(encode(tokenizer, ["ab"])[0][None]).logits.sum().backward()
     optimizer.step()  # in place: the parameters' version counters move
-    assert cache.valid_for(model) == []
+    assert cache.valid_for(model) is None
     turn(TURN_1)
     reused = cache.reused_tokens
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cache.valid_for(model) == []  # kept in float32, asked for under autocast
+        assert cache.valid_for(model) is None  # kept in float32, asked for under autocast
     turn(TURN_1)
     logits = turn(TURN_2)
     assert cache.reused_tokens > reused
     fresh = prefill_prompts(model, encode(tokenizer, TURN_2), pad_id=pad, cache_keyword="cache")[2]
     torch.testing.assert_close(logits, fresh, atol=1e-4, rtol=0)
-    # a write through .data is invisible to the counters: the kept run is stale until cleared
+    # a write through .data is invisible to the counters: the kept prompts are stale until cleared
     with torch.no_grad():
         for p in model.parameters():
             p.data.mul_(1.5)
@@ -156,18 +153,6 @@ def test_kept_runs_are_dropped_when_the_weights_or_autocast_change():
     cache.clear()
     turn(TURN_1)
     torch.testing.assert_close(turn(TURN_2), fresh, atol=1e-4, rtol=0)
-
-
-def test_bad_sizes_are_refused_and_the_least_recently_used_run_goes():
-    with pytest.raises(ValueError, match="max_entries=0"):
-        PrefixCache(0)
-    cache = PrefixCache(2)
-    for tokens in ([1], [2], [1], [3]):
-        cache.keep(tokens, [])
-    assert [e.tokens for e in cache.entries] == [(1,), (3,)]
-    cache.used(cache.entries[0], 1)
-    assert [e.tokens for e in cache.entries] == [(3,), (1,)]
-    assert cache.reused_tokens == 1
 
 
 @pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic-cache", "static-cache"])

@@ -105,12 +105,13 @@ class LLMPolicy(TensorDictModuleBase):
             are exactly those of the model being trained.
 
     Attributes:
-        prefix_cache: the keys and values of the prompts' shared opening (the system
-            prompt), kept from one call to the next
+        prefix_cache: the keys and values of the last call's prompts, which the next
+            call's prompts continue where they open the same way (the system prompt and
+            task, an episode's history)
             (:class:`~gigpo_torchrl.policy.prefix_cache.PrefixCache`); emptied when the
             weights change in place and by :class:`~gigpo_torchrl.collector.GroupCollector`
             at every batch. Call its ``clear()`` after writing weights through
-            ``tensor.data``; set it to None to encode the opening at every call.
+            ``tensor.data``; set it to None to encode every prompt whole at every call.
     """
 
     in_keys = [("text", "prompt")]

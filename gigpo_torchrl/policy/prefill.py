@@ -13,13 +13,14 @@ How the tree is encoded depends on what a forward call costs (:func:`plan`): on 
 level, split into calls of similar run lengths where padding would cost more than a call;
 on a GPU, where a call's host time dominated a prefill, the tree cut to two levels.
 
-Across calls, a :class:`~gigpo_torchrl.policy.prefix_cache.PrefixCache` keeps the roots that
-several prompts shared (the system prompt, at every turn): a root that opens with a kept
-run continues its keys and values instead of encoding them again (:func:`reuse`).
+Across calls, a :class:`~gigpo_torchrl.policy.prefix_cache.PrefixCache` keeps the prompts
+a call encoded: at the next call (an agent's next turn) each prompt continues the longest
+opening it shares with one of them instead of encoding it again (:func:`reuse`).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from gigpo_torchrl.policy.prefix_cache import PrefixCache
+from gigpo_torchrl.policy.prefix_cache import KeptPrompts, PrefixCache
 
 # A shared run shorter than this is not worth a forward call of its own: its tokens are
 # encoded again in each branch below it. (Benchmarks raise it to measure what sharing saves.)
@@ -46,7 +47,8 @@ class PrefixNode:
         terminal: the distinct prompt that ends with this run, or -1.
         level: 0 for a root, else the parent's level + 1.
         cached: for a root whose keys and values are kept from an earlier call (not
-            encoded), the index of that kept run (:func:`reuse`); else -1.
+            encoded), the index of the kept prompt that opens with its run
+            (:func:`reuse`); else -1.
     """
 
     start: int
@@ -121,33 +123,73 @@ def reuse(
     kept: Sequence[Sequence[int]],
     min_run: int = MIN_SHARED_RUN,
 ) -> list[PrefixNode]:
-    """The tree with each root that opens with at least ``min_run`` tokens of a ``kept``
-    run (the longest match) split there: a new root marked ``cached`` holds those tokens
-    (their keys and values come from the kept run, not encoded), and the rest of the old
-    root's run, if any, becomes its child. A prompt that ends in the root keeps its last
-    token in an encoded node, for its logits. Parents first, levels set again."""
-    kept = [list(tokens) for tokens in kept]  # slices of a list equal only lists
+    """The tree with every run that ``kept`` prompts (an earlier call's) already hold
+    taken from them instead of encoded.
+
+    A prompt's kept opening is the longest one it shares with a kept prompt
+    (:func:`longest_openings`). A node that the kept opening of a prompt below it reaches
+    into is replaced by a new root marked ``cached`` (that kept prompt's index; its tokens
+    ``[0, c)`` are never encoded) and, if the openings stop short of the node's end, the
+    rest of its run as that root's child; a node's children hang below whichever of the
+    two holds its last token, and a prompt that ends in it keeps its last token encoded,
+    for its logits. Cached roots that nothing hangs below are dropped. Parents first;
+    levels count encoded ancestors only (a node below a cached root is on level 0, so that
+    a level's calls may mix roots and continuations).
+    """
+    opening = longest_openings(prompts, kept, min_run)
+    # per node, the furthest a kept opening of a prompt below it reaches, and its kept prompt
+    reach = [(0, -1)] * len(nodes)
+    for i in reversed(range(len(nodes))):  # children come after their parents
+        node = nodes[i]
+        if node.terminal != -1:
+            reach[i] = max(reach[i], opening[node.terminal])
+        if node.parent != -1:
+            reach[node.parent] = max(reach[node.parent], reach[i])
     out: list[PrefixNode] = []
-    new_index: dict[int, int] = {}
+    holds: dict[int, int] = {}  # node -> the new node that holds its run's last token
     for i, node in enumerate(nodes):
-        shared, which = 0, -1
-        if node.parent == -1:
-            run = list(prompts[node.member][: node.end])
-            for k, tokens in enumerate(kept):
-                common = _common_length(run, tokens)
-                if common > shared:
-                    shared, which = common, k
-            if node.terminal != -1:
-                shared = min(shared, node.end - 1)
-        if shared < min_run:
-            out.append(dataclasses.replace(node, parent=new_index.get(node.parent, -1)))
+        parent = holds.get(node.parent, -1)
+        length, which = reach[i]
+        covered = min(length, node.end - (node.terminal != -1))
+        if covered <= node.start:
+            out.append(dataclasses.replace(node, parent=parent))
         else:
-            out.append(PrefixNode(0, shared, node.member, -1, cached=which))
-            if shared < node.end:
-                out.append(PrefixNode(shared, node.end, node.member, len(out) - 1, node.terminal))
-        new_index[i] = len(out) - 1
+            out.append(PrefixNode(0, covered, node.member, -1, cached=which))
+            if covered < node.end:
+                out.append(PrefixNode(covered, node.end, node.member, len(out) - 1, node.terminal))
+        holds[i] = len(out) - 1
+    used = {node.parent for node in out}
+    keep = [i for i, node in enumerate(out) if node.cached == -1 or i in used]
+    index = {old: new for new, old in enumerate(keep)}
+    out = [dataclasses.replace(out[i], parent=index.get(out[i].parent, -1)) for i in keep]
     for node in out:
-        node.level = 0 if node.parent == -1 else out[node.parent].level + 1
+        parent = node.parent
+        node.level = 0 if parent == -1 or out[parent].cached != -1 else out[parent].level + 1
+    return out
+
+
+def longest_openings(
+    prompts: Sequence[Sequence[int]], kept: Sequence[Sequence[int]], min_run: int = MIN_SHARED_RUN
+) -> list[tuple[int, int]]:
+    """Per prompt, ``(length, k)``: the longest opening it shares with ``kept[k]``, its last
+    token left out (``(0, -1)`` when shorter than ``min_run`` tokens). Found among the two
+    kept prompts next to it in sorted order: no other shares more."""
+    order = sorted(range(len(kept)), key=lambda k: list(kept[k]))
+    ranked = [list(kept[k]) for k in order]  # slices of a list equal only lists
+    out = []
+    for prompt in prompts:
+        prompt = list(prompt)
+        at = bisect.bisect_left(ranked, prompt)
+        best = max(
+            (
+                (_common_length(prompt, ranked[j]), order[j])
+                for j in (at - 1, at)
+                if 0 <= j < len(ranked)
+            ),
+            default=(0, -1),
+        )
+        length = min(best[0], len(prompt) - 1)
+        out.append((length, best[1]) if length >= min_run else (0, -1))
     return out
 
 
@@ -161,23 +203,6 @@ def _common_length(a: list[int], b: list[int], start: int = 0) -> int:
         else:
             high = middle - 1
     return low
-
-
-def shared_roots(nodes: Sequence[PrefixNode]) -> list[int]:
-    """The encoded nodes whose run, from the prompts' first token, opens several prompts:
-    roots with children, and the rest of such a root after a kept run (a cached root's
-    only child). These are kept for the next call: the next turn's prompts open the same
-    way."""
-    children: dict[int, list[int]] = {}
-    for i, node in enumerate(nodes):
-        children.setdefault(node.parent, []).append(i)
-    return [
-        i
-        for i, n in enumerate(nodes)
-        if n.cached == -1
-        and i in children
-        and (n.parent == -1 or (nodes[n.parent].cached != -1 and children[n.parent] == [i]))
-    ]
 
 
 def _left_padded(runs: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -201,7 +226,7 @@ def schedule(nodes: Sequence[PrefixNode], call_tokens: float) -> list[list[int]]
     """
     levels: dict[int, list[int]] = {}
     for i, node in enumerate(nodes):
-        if node.cached == -1:  # a kept run is not encoded
+        if node.cached == -1:  # a kept opening is not encoded
             levels.setdefault(node.level, []).append(i)
     calls = []
     for _, members in sorted(levels.items()):
@@ -250,18 +275,23 @@ def flatten(nodes: Sequence[PrefixNode], levels: int) -> list[PrefixNode]:
 
 def plan(
     prompts: Sequence[Sequence[int]], device_type: str, kept: Sequence[Sequence[int]] = ()
-) -> tuple[list[PrefixNode], list[list[int]]]:
+) -> tuple[list[PrefixNode], list[list[int]], int]:
     """The prefix tree of distinct prompts as encoded on a device of ``device_type`` (see
-    :data:`MAX_LEVELS`), its roots continuing the ``kept`` runs they open with
-    (:func:`reuse`: a kept run adds a level that is not encoded, and the rest of a longer
-    root gets a call of its own, to be kept in turn), and its forward calls
-    (:func:`schedule`, :data:`CALL_TOKENS`)."""
+    :data:`MAX_LEVELS`), the runs that ``kept`` prompts already hold taken from them
+    (:func:`reuse`), and its forward calls (:func:`schedule`, :data:`CALL_TOKENS`); last,
+    how many of the tree's tokens the kept prompts spare encoding."""
     nodes = prefix_tree(prompts, MIN_SHARED_RUN)
     levels = MAX_LEVELS.get(device_type, 2)
     if levels is not None:
         nodes = flatten(nodes, levels)
+    tree_tokens = _run_tokens(nodes)
     nodes = reuse(nodes, prompts, kept, MIN_SHARED_RUN)
-    return nodes, schedule(nodes, CALL_TOKENS.get(device_type, float("inf")))
+    calls = schedule(nodes, CALL_TOKENS.get(device_type, float("inf")))
+    return nodes, calls, tree_tokens - _run_tokens(nodes)
+
+
+def _run_tokens(nodes: Sequence[PrefixNode]) -> int:
+    return sum(node.end - node.start for node in nodes if node.cached == -1)
 
 
 def encoded_tokens(nodes: Sequence[PrefixNode], calls: Sequence[Sequence[int]]) -> int:
@@ -281,16 +311,16 @@ MAX_LEVELS: dict[str, int | None] = {"cpu": None}
 
 
 class _Encoded:
-    """The forward calls made so far (and the kept runs used): per call, per-layer keys and
+    """The forward calls made so far (and the kept openings used): per call, per-layer keys and
     values ``[n, H, w, D]``, the mask ``[n, w]`` and the last logits ``[n, V]`` (None for a
-    kept run); ``at[node] = (call, row)``."""
+    kept opening); ``at[node] = (call, row)``."""
 
     def __init__(self):
         self.calls: list[tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor | None]] = []
         self.at: dict[int, tuple[int, int]] = {}
 
     def add(self, nodes: Sequence[int], kv, mask: Tensor, logits: Tensor | None) -> None:
-        """Record a call (or a kept run) whose rows hold ``nodes``, in order."""
+        """Record a call (or the kept openings) whose rows hold ``nodes``, in order."""
         self.at.update((n, (len(self.calls), row)) for row, n in enumerate(nodes))
         self.calls.append((kv, mask, logits))
 
@@ -298,10 +328,12 @@ class _Encoded:
         self, nodes: Sequence[int], with_logits: bool = False
     ) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor | None]:
         """The rows of ``nodes``, right-aligned to the widest of their calls (holes masked),
-        and their logits when asked for."""
-        first_kv, first_mask, first_logits = self.calls[self.at[nodes[0]][0]]
+        and their logits when asked for. A node -1 (none: a root's parent) gives a row of
+        holes."""
+        known = [n for n in nodes if n != -1]
+        first_kv, first_mask, first_logits = self.calls[self.at[known[0]][0]]
         device = first_mask.device
-        width = max(self.calls[self.at[n][0]][1].shape[1] for n in nodes)
+        width = max(self.calls[self.at[n][0]][1].shape[1] for n in known)
         kv = [
             (
                 k.new_zeros(len(nodes), k.shape[1], width, k.shape[3]),
@@ -313,8 +345,9 @@ class _Encoded:
         logits = first_logits.new_empty(len(nodes), first_logits.shape[1]) if with_logits else None
         by_call: dict[int, list[tuple[int, int]]] = {}
         for into, n in enumerate(nodes):
-            call, row = self.at[n]
-            by_call.setdefault(call, []).append((into, row))
+            if n != -1:
+                call, row = self.at[n]
+                by_call.setdefault(call, []).append((into, row))
         for call, pairs in by_call.items():
             call_kv, call_mask, call_logits = self.calls[call]
             into = torch.tensor([i for i, _ in pairs], device=device)
@@ -345,8 +378,9 @@ def prefill_prompts(
         prompts: U distinct, non-empty int64 token sequences.
         pad_id: fills the holes (masked out).
         cache_keyword: the model's name for the cache argument.
-        prefix_cache: runs kept from earlier calls, which the prompts' roots continue
-            when they open with one; this call's shared roots are kept in it.
+        prefix_cache: the prompts of the call before, whose openings these prompts
+            continue where they share them (:func:`reuse`); these prompts are kept in it
+            for the next call.
 
     Returns:
         ``(cache, mask, logits)``: a ``DynamicCache`` of U rows of width W; int64 ``[U, W]``
@@ -355,23 +389,23 @@ def prefill_prompts(
     """
     device = next(model.parameters()).device
     seqs = [p.tolist() for p in prompts]
-    kept = list(prefix_cache.valid_for(model)) if prefix_cache is not None else []
-    nodes, calls = plan(seqs, device.type, [entry.tokens for entry in kept])
+    kept = prefix_cache.valid_for(model) if prefix_cache is not None else None
+    nodes, calls, reused = plan(seqs, device.type, kept.tokens if kept is not None else ())
     encoded = _Encoded()
-    for i, node in enumerate(nodes):
-        if node.cached != -1:
-            entry = kept[node.cached]
-            prefix_cache.used(entry, node.end)
-            run = [(k[:, :, : node.end], v[:, :, : node.end]) for k, v in entry.kv]
-            encoded.add([i], run, torch.ones(1, node.end, dtype=torch.long, device=device), None)
+    cached = [i for i, node in enumerate(nodes) if node.cached != -1]
+    if cached:  # the kept openings, as one call that encoded nothing
+        kv, mask = kept.openings([(nodes[i].cached, nodes[i].end) for i in cached])
+        encoded.add(cached, kv, mask, None)
+        prefix_cache.reused_tokens += reused
     for call in calls:
         runs = [torch.as_tensor(seqs[nodes[i].member][nodes[i].start : nodes[i].end]) for i in call]
         ids, mask = _left_padded(runs, pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        if nodes[call[0]].parent == -1:  # a level's calls are all roots or all children
+        parents = [nodes[i].parent for i in call]
+        if parents.count(-1) == len(parents):
             cache = DynamicCache(config=model.config)
-        else:
-            past_kv, past_mask, _ = encoded.gather([nodes[i].parent for i in call])
+        else:  # roots get a row of holes where the others continue their parents
+            past_kv, past_mask, _ = encoded.gather(parents)
             cache = DynamicCache(ddp_cache_data=past_kv, config=model.config)
             mask = torch.cat([past_mask, mask], 1)
         past = mask.shape[1] - ids.shape[1]
@@ -385,13 +419,9 @@ def prefill_prompts(
         )
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         encoded.add(call, kv, mask, out.logits[:, -1].float())
-    if prefix_cache is not None:
-        for i in shared_roots(nodes):
-            kv, mask, _ = encoded.gather([i])
-            held = mask[0].nonzero().squeeze(-1)  # its tokens, without the calls' holes
-            run = [(k[:, :, held], v[:, :, held]) for k, v in kv]
-            prefix_cache.keep(seqs[nodes[i].member][: nodes[i].end], run)
     # one row per prompt, from the call that encoded its last run
     ends = {node.terminal: i for i, node in enumerate(nodes) if node.terminal != -1}
     kv, mask, logits = encoded.gather([ends[u] for u in range(len(prompts))], with_logits=True)
+    if prefix_cache is not None:
+        prefix_cache.keep(KeptPrompts(seqs, kv, mask))
     return DynamicCache(ddp_cache_data=kv, config=model.config), mask, logits

@@ -1,11 +1,12 @@
-"""The keys and values of shared prompt prefixes, kept from one sampler call to the next.
+"""The keys and values of the prompts one prefill encoded, kept for the next.
 
-Every turn of an agent's episodes opens its prompts with the same text (the system prompt,
-often the start of the task's format), and the prefix tree of a turn's prompts
-(:mod:`~gigpo_torchrl.policy.prefill`) encodes that shared run once per turn. A
-:class:`PrefixCache` keeps the cache rows of those shared runs, so that the next turn's
-prompts continue them instead of encoding them again: on a GPU a turn's prefill is then one
-forward call instead of two.
+An agent's prompts repeat much of the turn before: every prompt opens with the system
+prompt and its task, and an episode's next prompt often opens as its last did (the same
+observations in its history window; the same state again after a move that changed
+nothing). A :class:`PrefixCache` keeps the cache rows of the prompts that
+:func:`~gigpo_torchrl.policy.prefill.prefill_prompts` encoded; at the next call each prompt
+continues the longest opening it shares with one of them, and only the rest of it is
+encoded (:func:`~gigpo_torchrl.policy.prefill.reuse`).
 
 Kept keys and values are only right for the weights that computed them. The cache is
 emptied whenever the model's parameters or buffers are modified in place through their
@@ -20,27 +21,48 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-# How many shared runs are kept (the most recently used): a batch's turns share one, and a
-# few more cover runs that alternate (say, two prompt formats).
-MAX_ENTRIES = 4
 
+class KeptPrompts:
+    """The prompts of one prefill with their cache rows, which hold holes (masked padding).
 
-@dataclass(eq=False)  # entries are told apart by identity, never by comparing tensors
-class CachedPrefix:
-    """One kept run of prompt tokens, from a prompt's first token.
-
-    Attributes:
-        tokens: the run's token ids.
-        kv: per layer, keys and values ``[1, H, len(tokens), D]``, as the model cached them.
+    Args:
+        tokens: U prompts' token ids.
+        kv: per layer, keys and values ``[U, H, W, D]``.
+        mask: int64 ``[U, W]``, 1 where a column holds one of the row's prompt tokens (in
+            order).
     """
 
-    tokens: tuple[int, ...]
-    kv: list[tuple[Tensor, Tensor]]
+    def __init__(self, tokens: Sequence[Sequence[int]], kv: list[tuple[Tensor, Tensor]], mask):
+        self.tokens = [tuple(t) for t in tokens]
+        self.kv = kv
+        # per row, the columns of its tokens (one copy to the host per prefill)
+        self.columns = [row.nonzero().squeeze(-1) for row in mask.cpu()]
+
+    def openings(
+        self, spans: Sequence[tuple[int, int]]
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """Per ``(row, length)``: the keys and values of that kept prompt's first ``length``
+        tokens, without holes, left-padded to the longest: per layer ``[n, H, w, D]``, and
+        the int64 ``[n, w]`` mask."""
+        width = max(length for _, length in spans)
+        device = self.kv[0][0].device
+        index = torch.zeros(len(spans), width, dtype=torch.long)
+        mask = torch.zeros(len(spans), width, dtype=torch.long)
+        for i, (row, length) in enumerate(spans):
+            index[i, width - length :] = self.columns[row][:length]
+            mask[i, width - length :] = 1
+        rows = torch.tensor([row for row, _ in spans], device=device)[:, None]
+        index = index.to(device)
+        # advanced indices on either side of a slice come first: [n, w, H, D]
+        kv = [
+            (k[rows, :, index].transpose(1, 2), v[rows, :, index].transpose(1, 2))
+            for k, v in self.kv
+        ]
+        return kv, mask.to(device)
 
 
 def weights_key(model: torch.nn.Module) -> tuple:
@@ -59,47 +81,35 @@ def weights_key(model: torch.nn.Module) -> tuple:
 
 
 class PrefixCache:
-    """Shared prompt runs kept between calls of
+    """The last prefill's prompts, kept for the next call of
     :func:`~gigpo_torchrl.policy.prefill.prefill_prompts` (see the module docstring).
 
     Attributes:
-        entries: the kept runs, least recently used first (at most ``max_entries``).
-        reused_tokens: prompt tokens taken from the cache instead of encoded, since
-            construction (what the cache saved, for benchmarks and logs).
+        kept: the prompts of the last prefill, or None.
+        reused_tokens: prompt tokens taken from the kept rows instead of encoded, since
+            construction (what the cache saved, for benchmarks and logs; counted against
+            the prefix tree of each call's prompts, where a shared run is encoded once).
     """
 
-    def __init__(self, max_entries: int = MAX_ENTRIES):
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise ValueError(f"max_entries={max_entries!r} must be a positive integer")
-        self.max_entries = max_entries
-        self.entries: list[CachedPrefix] = []
+    def __init__(self):
+        self.kept: KeptPrompts | None = None
         self.reused_tokens = 0
         self._key: tuple | None = None
 
     def clear(self) -> None:
-        """Forget every kept run."""
-        self.entries.clear()
+        """Forget the kept prompts."""
+        self.kept = None
         self._key = None
 
-    def valid_for(self, model: torch.nn.Module) -> list[CachedPrefix]:
-        """The kept runs, emptied first if ``model``'s weights (or the autocast setting)
+    def valid_for(self, model: torch.nn.Module) -> KeptPrompts | None:
+        """The kept prompts, forgotten first if ``model``'s weights (or the autocast setting)
         changed since they were kept."""
         key = weights_key(model)
         if key != self._key:
-            self.entries.clear()
+            self.kept = None
             self._key = key
-        return self.entries
+        return self.kept
 
-    def used(self, entry: CachedPrefix, tokens: int) -> None:
-        """Record that ``tokens`` leading tokens of ``entry`` were reused."""
-        self.reused_tokens += tokens
-        self.entries.remove(entry)
-        self.entries.append(entry)
-
-    def keep(self, tokens: Sequence[int], kv: list[tuple[Tensor, Tensor]]) -> None:
-        """Keep a run (replacing a kept run of the same tokens), dropping the least
-        recently used beyond ``max_entries``."""
-        tokens = tuple(tokens)
-        self.entries = [e for e in self.entries if e.tokens != tokens]
-        self.entries.append(CachedPrefix(tokens, kv))
-        del self.entries[: -self.max_entries]
+    def keep(self, kept: KeptPrompts) -> None:
+        """Keep ``kept`` in place of the prompts kept before."""
+        self.kept = kept

@@ -157,10 +157,10 @@ def sample_replies(
             the model's distribution renormalised over the tokens that continue one of
             them: the log-probs are of that distribution (a token that was the only way on
             has log-prob 0), and ``allowed`` records the sets for training.
-        prefix_cache: shared prompt runs kept from earlier calls
-            (:class:`~gigpo_torchrl.policy.prefix_cache.PrefixCache`): prompts that open
-            with one continue it instead of encoding it again, and this call's shared
-            prefix is kept for the next.
+        prefix_cache: the prompts of the call before, kept
+            (:class:`~gigpo_torchrl.policy.prefix_cache.PrefixCache`): each prompt
+            continues the longest opening it shares with one of them instead of encoding
+            it again, and this call's prompts are kept for the next.
 
     Returns:
         :class:`Replies`: the reply tokens, their log-probs and the allowed sets.
