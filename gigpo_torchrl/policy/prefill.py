@@ -45,7 +45,8 @@ class PrefixNode:
         member: a distinct prompt that contains the run.
         parent: the parent's index in the node list, -1 for a root.
         terminal: the distinct prompt that ends with this run, or -1.
-        level: 0 for a root, else the parent's level + 1.
+        level: 0 for a root (or, after :func:`reuse`, below a cached root), else the
+            parent's level + 1.
         cached: for a root whose keys and values are kept from an earlier call (not
             encoded), the index of the kept prompt that opens with its run
             (:func:`reuse`); else -1.
