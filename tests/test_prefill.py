@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model, prefill
@@ -112,6 +112,8 @@ prompt_sets = st.lists(
     min_run=st.integers(1, 4),
     levels=st.sampled_from([None, 1, 2, 3]),
 )
+# a prompt kept whole, one token longer than min_run: without its last token too short
+@example(prompts=[[0, 3, 0]], kept=[[0, 3, 0]], min_run=3, levels=None)
 def test_each_prompt_is_the_runs_of_its_chain(prompts, kept, min_run, levels):
     # the tree as plan() builds it: cut to some levels, with the runs that prompts kept from
     # an earlier call hold taken from them (cached roots, never encoded)
@@ -154,8 +156,8 @@ def test_each_prompt_is_the_runs_of_its_chain(prompts, kept, min_run, levels):
             assert prompt[n.start : n.end] == prompts[n.member][n.start : n.end]
         # the longest kept opening (written out here), less the last token, is not encoded,
         # but for the last token of a shorter prompt that ends in it (for its logits)
-        longest = max((common(prompt, k) for k in kept), default=0)
-        longest = min(longest, len(prompt) - 1) if longest >= min_run else 0
+        longest = min(max((common(prompt, k) for k in kept), default=0), len(prompt) - 1)
+        longest = longest if longest >= min_run else 0
         encoded_before = sum(max(0, min(n.end, longest) - n.start) for n in chain if n.cached == -1)
         assert encoded_before <= sum(n.terminal != -1 for n in chain[1:])
         assert chain[0].cached == -1  # its last token is encoded, for its logits
