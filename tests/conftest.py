@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
@@ -27,3 +29,11 @@ def device(request) -> str:
     """Every device this machine has: CPU always, CUDA too when present, so the same
     ``pytest`` on a GPU machine covers the GPU path."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random model and its character tokenizer, one pair per test module (tests
+    may move the model or change its weights within their module)."""
+    tokenizer = make_char_tokenizer()
+    return tokenizer, make_tiny_model(tokenizer, seed=0)

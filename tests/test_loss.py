@@ -9,15 +9,8 @@ from tensordict import TensorDict, lazy_stack
 
 from gigpo_torchrl import GIGPOAdvantage
 from gigpo_torchrl.objectives import LOSS_AGG_MODES, GIGPOLoss, token_weights
-from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
+from gigpo_torchrl.policy import make_tiny_model
 from gigpo_torchrl.policy.packing import pack_rows, reply_log_probs
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = make_char_tokenizer()
-    return tokenizer, make_tiny_model(tokenizer, seed=0)
-
 
 PROMPTS = ["where now?", "look", "where now?", "a much longer question about the room?"]
 REPLIES = ["left", "up", "x", "open the door"]

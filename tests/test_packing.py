@@ -3,14 +3,7 @@
 import pytest
 import torch
 
-from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
 from gigpo_torchrl.policy.packing import pack_rows, plan_micro_batches, reply_log_probs
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = make_char_tokenizer()
-    return tokenizer, make_tiny_model(tokenizer, seed=0)
 
 
 def ids(tokenizer, text):

@@ -4,18 +4,11 @@ import pytest
 import torch
 from tensordict import NonTensorStack, TensorDict
 
-from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model
 from gigpo_torchrl.policy.actor import LLMPolicy
 from gigpo_torchrl.policy.parsing import parse_action
 from gigpo_torchrl.policy.prompts import PromptBuilder
 
 ACTIONS = ["up", "down", "push box left"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = make_char_tokenizer()
-    return tokenizer, make_tiny_model(tokenizer, seed=0)
 
 
 @pytest.mark.parametrize(

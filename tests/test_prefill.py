@@ -5,7 +5,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model, prefill
+from gigpo_torchrl.policy import prefill
 from gigpo_torchrl.policy.prefill import (
     PrefixNode,
     flatten,
@@ -17,12 +17,6 @@ from gigpo_torchrl.policy.prefill import (
 )
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
 from tests.prefill_checks import assert_rows_continue_their_prompts
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = make_char_tokenizer()
-    return tokenizer, make_tiny_model(tokenizer, seed=0)
 
 
 def shape(nodes):

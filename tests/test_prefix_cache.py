@@ -19,12 +19,6 @@ from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
 from tests.prefill_checks import assert_rows_continue_their_prompts
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = make_char_tokenizer()
-    return tokenizer, make_tiny_model(tokenizer, seed=0)
-
-
 def shape(nodes):
     return [(n.start, n.end, n.parent, n.terminal, n.level, n.cached) for n in nodes]
 

@@ -9,12 +9,6 @@ from gigpo_torchrl.policy import decoding, make_char_tokenizer, make_tiny_model,
 from gigpo_torchrl.policy.sampling import SamplingSettings, draw, sample_replies
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = make_char_tokenizer()
-    return tokenizer, make_tiny_model(tokenizer, seed=0)
-
-
 @pytest.fixture(params=[False, True], ids=["dynamic-cache", "static-cache"])
 def static_cache(request) -> bool:
     """Both decoders: a growing cache, and the static one (a CUDA graph on a GPU)."""

@@ -1,6 +1,5 @@
 """GIGPOAdvantage inside torchrl's losses: GRPOLoss with a tiny LM, and critic-free ClipPPOLoss."""
 
-import pytest
 import torch
 from tensordict import TensorDict, lazy_stack
 from tensordict.nn import TensorDictModule
@@ -9,7 +8,7 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.llm import GRPOLoss
 
 from gigpo_torchrl import GIGPOAdvantage
-from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model, scoring_wrapper
+from gigpo_torchrl.policy import scoring_wrapper
 
 # (traj, step, state_hash, reward, observation, response) of one group of two trajectories
 STEPS = [
@@ -18,12 +17,6 @@ STEPS = [
     (1, 0, 11, 0.0, "start", "go right, then wait"),
     (1, 1, 13, 0.0, "right room", "x"),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = make_char_tokenizer()
-    return tokenizer, make_tiny_model(tokenizer, seed=0)
 
 
 def step_rows(tokenizer):
