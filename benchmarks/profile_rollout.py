@@ -15,6 +15,7 @@ import pstats
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from gigpo_torchrl.collector import GroupCollector
@@ -76,7 +77,12 @@ def main() -> None:
     print(events.table(sort_by="cpu_time_total", row_limit=args.rows))
     if cuda:
         print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows))
-        busy = sum(e.self_device_time_total for e in events) / 1e6
+        # kernels only: an op's row repeats its kernels' time, and a range's GPU row
+        # (gigpo/prefill, gigpo/decode_step) spans the gaps between its kernels too
+        kernels = (
+            e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+        )
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
         print(f"kernels {busy:.2f}s of {wall:.2f}s wall ({busy / wall:.0%} GPU busy)")
 
 

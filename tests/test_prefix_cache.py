@@ -6,6 +6,7 @@ import torch
 
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, make_char_tokenizer, make_tiny_model, prefill
+from gigpo_torchrl.policy.actor import policy_inputs
 from gigpo_torchrl.policy.prefill import (
     longest_openings,
     plan,
@@ -182,6 +183,9 @@ def test_the_collector_clears_the_kept_runs_at_every_batch(tiny):
     collector = GroupCollector("lake-walk", policy, num_groups=2, num_generations=2, max_steps=3)
     collector.collect()
     assert policy.prefix_cache.reused_tokens > 0  # the turns after the first continued it
+    assert policy.prefix_cache.kept is None  # released for the update
+    policy(policy_inputs(["a prompt kept outside a batch"]))
+    assert policy.prefix_cache.kept is not None
     with torch.no_grad():  # unseen by the version counters
         for p in model.parameters():
             p.data.mul_(1.5)

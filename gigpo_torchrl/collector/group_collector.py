@@ -407,12 +407,18 @@ class GroupCollector:
 
         td = self._reset_tasks()
         raw = list(getattr(self.env, "raw_actions", None) or [False] * n_env)
-        if self.replicas is None:
-            rows, generated_rows, env_errors = self._play(
-                td, group_ids, traj_ids, raw, self._generate_here, None, [0]
-            )
-        else:
-            rows, generated_rows, env_errors = self._play_lanes(td, group_ids, traj_ids, raw)
+        try:
+            if self.replicas is None:
+                rows, generated_rows, env_errors = self._play(
+                    td, group_ids, traj_ids, raw, self._generate_here, None, [0]
+                )
+            else:
+                rows, generated_rows, env_errors = self._play_lanes(td, group_ids, traj_ids, raw)
+        finally:
+            if prefix_cache is not None:
+                # no later batch can continue them, and their keys and values would take
+                # device memory through the update
+                prefix_cache.clear()
         batch = lazy_stack(rows)
         self.stats = self._statistics(batch, generated_rows)
         self.stats.update(
