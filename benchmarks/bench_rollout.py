@@ -56,8 +56,14 @@ from gigpo_torchrl.policy import LLMPolicy, decoding, load_model, prefill, sampl
 from gigpo_torchrl.policy.actor import action_choices, read_actions
 from gigpo_torchrl.policy.decoding import DynamicDecoder
 from gigpo_torchrl.policy.prefill import encoded_tokens
+from gigpo_torchrl.policy.prefix_cache import PrefixCache
 from gigpo_torchrl.policy.sampling import continuing, draw
 from gigpo_torchrl.train.config import auto_dtype
+
+# Fresh batches whose prefills are timed on CUDA, and the bucket multiples (rows, columns)
+# their forward calls are padded to in the padded setting (prefill.PAD_SHAPES).
+FRESH_BATCHES = 3
+PADDED = (8, 64)
 
 
 class RecordingPolicy(LLMPolicy):
@@ -125,6 +131,40 @@ def cached_sampling(policy, prompt_batches, action_batches) -> tuple[int, float,
         lengths.append([len(r) for r in replies])
         tokens += sum(lengths[-1])
     return tokens, time.perf_counter() - start, lengths
+
+
+def fresh_batches(collector: GroupCollector, policy: RecordingPolicy, count: int) -> list:
+    """The prompt batches of ``count`` more collector batches (new tasks, so prompt shapes
+    not seen yet), per batch its turns' prompt batches; left out of the policy's record."""
+    recorded, batches = len(policy.prompt_batches), []
+    for _ in range(count):
+        start = len(policy.prompt_batches)
+        collector.collect()
+        batches.append(policy.prompt_batches[start:])
+    del policy.prompt_batches[recorded:], policy.action_batches[recorded:]
+    return batches
+
+
+def prefill_seconds(policy: LLMPolicy, batches: list) -> float:
+    """Seconds to prefill each turn's distinct prompts as the sampler does (the prompts kept
+    between a batch's turns), batch after batch."""
+    model = policy.model
+    keyword = sampling._cache_keyword(model)
+    start = time.perf_counter()
+    for batch in batches:
+        kept = PrefixCache()
+        for prompts in batch:
+            distinct = dict.fromkeys(tuple(p.tolist()) for p in policy.encode(prompts))
+            prefill.prefill_prompts(
+                model,
+                [torch.tensor(p) for p in distinct],
+                pad_id=policy.tokenizer.pad_token_id,
+                cache_keyword=keyword,
+                prefix_cache=kept,
+            )
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def call_cost(model) -> tuple[float, float]:
@@ -494,7 +534,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         policy, policy.prompt_batches, policy.action_batches
     )
     reused = policy.prefix_cache.reused_tokens - reused
-    sampler_rows, collector_rows = [], []
+    sampler_rows, collector_rows, fresh_lines = [], [], []
 
     # the sampler with one of its parts taken away: what that part saves
     def variant(label, **settings):
@@ -554,6 +594,24 @@ def run(args, name, model, tokenizer, precision: str) -> None:
                 ("GroupCollector, compiled", *replay_batch(collector, policy, start_state))
             )
             policy.sampling = default
+        # Prefills of fresh batches: cuDNN's attention builds a graph for every new (batch,
+        # query length, key length), which the rows above, replaying one batch, had built.
+        # The batches are recorded without cuDNN, so each setting below meets its own
+        # shapes first (the default's exact ones; the padded ones' buckets), then again.
+        with sdpa_kernel(others):
+            batches = fresh_batches(collector, policy, FRESH_BATCHES)
+        default_s, seen_s = prefill_seconds(policy, batches), prefill_seconds(policy, batches)
+        with sdpa_kernel(others):
+            others_s = prefill_seconds(policy, batches)
+        prefill.PAD_SHAPES["cuda"] = PADDED
+        padded_s, padded_seen_s = prefill_seconds(policy, batches), prefill_seconds(policy, batches)
+        del prefill.PAD_SHAPES["cuda"]
+        fresh_lines.append(
+            f"prefill of {FRESH_BATCHES} fresh batches ({sum(map(len, batches))} turns): "
+            f"{default_s:.2f}s, again (shapes seen) {seen_s:.2f}s; without cuDNN attention "
+            f"{others_s:.2f}s; shapes padded to {PADDED[0]} rows x {PADDED[1]} columns "
+            f"{padded_s:.2f}s, again {padded_seen_s:.2f}s"
+        )
     fixed, per_token = call_cost(model)
     precision_rows, precision_lines = [], []
     if model.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
@@ -638,7 +696,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             f"{label:40} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>7.1f} "
             f"{len(prompts) / seconds:>9.1f}"
         )
-    for line in cb_lines + precision_lines:
+    for line in cb_lines + precision_lines + fresh_lines:
         print(line)
     counts = prefill_tokens(token_batches, model.device.type)
     print(

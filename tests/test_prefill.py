@@ -15,6 +15,7 @@ from gigpo_torchrl.policy.prefill import (
     reuse,
     schedule,
 )
+from gigpo_torchrl.policy.prefix_cache import PrefixCache
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
 from tests.prefill_checks import assert_rows_continue_their_prompts
 
@@ -191,6 +192,49 @@ def test_prefill_equals_each_prompt_encoded_alone(tiny, monkeypatch, levels):
         model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache"
     )
     assert_rows_continue_their_prompts(model, tokenizer, prompts, cache, mask, logits)
+
+
+@pytest.mark.parametrize("levels", [None, 2], ids=["tree", "two-levels"])
+def test_padded_call_shapes_leave_every_prompt_as_encoded_alone(tiny, monkeypatch, levels):
+    tokenizer, model = tiny
+    monkeypatch.setitem(prefill.MAX_LEVELS, "cpu", levels)
+    first = nested_prompts(tokenizer)
+    # the next turn: two prompts go on from kept ones, one is new
+    second = [torch.cat([first[0], first[4][:3]]), first[3], first[2][:-2]]
+
+    def turns(pad_shape):
+        """Both turns' forward calls, as (rows, new columns, all columns)."""
+        if pad_shape:
+            monkeypatch.setitem(prefill.PAD_SHAPES, "cpu", pad_shape)
+        shapes, cache = [], PrefixCache()
+
+        def record(module, args, kwargs):
+            shapes.append((*kwargs["input_ids"].shape, kwargs["attention_mask"].shape[1]))
+
+        for prompts in (first, second):
+            hook = model.register_forward_pre_hook(record, with_kwargs=True)
+            try:
+                kv, mask, logits = prefill_prompts(
+                    model,
+                    prompts,
+                    pad_id=tokenizer.pad_token_id,
+                    cache_keyword="cache",
+                    prefix_cache=cache,
+                )
+            finally:
+                hook.remove()
+            # the rows and columns of padding are gone from what comes out
+            assert len(mask) == len(logits) == len(prompts)
+            assert_rows_continue_their_prompts(model, tokenizer, prompts, kv, mask, logits)
+        assert cache.reused_tokens > 0
+        return shapes
+
+    plain, padded = turns(None), turns((4, 16))
+    up = lambda n, m: -(-n // m) * m  # noqa: E731
+    assert [(n, new) for n, new, _ in padded] == [(up(n, 4), up(new, 16)) for n, new, _ in plain]
+    widths = zip([w for *_, w in padded], [w for *_, w in plain], strict=True)
+    assert all(width % 16 == 0 and width >= w for width, w in widths)
+    assert any(n % 4 for n, _, _ in plain)  # padding rows were added somewhere
 
 
 @pytest.mark.parametrize("call_tokens", [float("inf"), 0.0])

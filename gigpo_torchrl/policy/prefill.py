@@ -206,10 +206,21 @@ def _common_length(a: list[int], b: list[int], start: int = 0) -> int:
     return low
 
 
-def _left_padded(runs: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in runs)
-    ids = torch.full((len(runs), width), pad_id, dtype=torch.long)
+def _rounded_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _left_padded(
+    runs: Sequence[Tensor], pad_id: int, pad_shape: tuple[int, int] = (1, 1)
+) -> tuple[Tensor, Tensor]:
+    """Int64 ``[R, W]`` ids and mask of ``runs`` left-padded, R and W rounded up to the
+    multiples ``pad_shape``; a row past the runs attends only to its last (padding) token,
+    so that its attention has a key."""
+    rows, columns = pad_shape
+    width = _rounded_up(max(len(r) for r in runs), columns)
+    ids = torch.full((_rounded_up(len(runs), rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
+    mask[len(runs) :, -1] = 1
     for i, tokens in enumerate(runs):
         ids[i, width - len(tokens) :] = tokens
         mask[i, width - len(tokens) :] = 1
@@ -310,6 +321,13 @@ CALL_TOKENS = {"cpu": 32.0}
 # share, then the rest of every prompt in one call (the whole tree: 2.78 against 1.84 s a
 # batch in bench_rollout's Sokoban run on an H200).
 MAX_LEVELS: dict[str, int | None] = {"cpu": None}
+# The multiples ``(rows, columns)`` that each forward call's batch and widths are padded up
+# to, by device type (none where absent). PyTorch keeps cuDNN's attention graphs in a cache
+# keyed on the exact batch size, query length and key length, and a prefill of a fresh batch
+# (new shapes at every turn) built them anew: 1.6 ms of host time per layer and call,
+# profiled on an H200. Padded, the shapes recur between turns and batches. Off until a GPU
+# measures it (benchmarks/bench_rollout.py's fresh-batch rows).
+PAD_SHAPES: dict[str, tuple[int, int]] = {}
 
 
 class _Encoded:
@@ -327,15 +345,15 @@ class _Encoded:
         self.calls.append((kv, mask, logits))
 
     def gather(
-        self, nodes: Sequence[int], with_logits: bool = False
+        self, nodes: Sequence[int], with_logits: bool = False, columns: int = 1
     ) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor | None]:
-        """The rows of ``nodes``, right-aligned to the widest of their calls (holes masked),
-        and their logits when asked for. A node -1 (none: a root's parent) gives a row of
-        holes."""
+        """The rows of ``nodes``, right-aligned to the widest of their calls (rounded up to
+        a multiple of ``columns``; holes masked), and their logits when asked for. A node -1
+        (none: a root's parent, or a padding row) gives a row of holes."""
         known = [n for n in nodes if n != -1]
         first_kv, first_mask, first_logits = self.calls[self.at[known[0]][0]]
         device = first_mask.device
-        width = max(self.calls[self.at[n][0]][1].shape[1] for n in known)
+        width = _rounded_up(max(self.calls[self.at[n][0]][1].shape[1] for n in known), columns)
         kv = [
             (
                 k.new_zeros(len(nodes), k.shape[1], width, k.shape[3]),
@@ -399,15 +417,16 @@ def prefill_prompts(
         kv, mask = kept.openings([(nodes[i].cached, nodes[i].end) for i in cached])
         encoded.add(cached, kv, mask, None)
         prefix_cache.reused_tokens += reused
+    pad_shape = PAD_SHAPES.get(device.type, (1, 1))
     for call in calls:
         runs = [torch.as_tensor(seqs[nodes[i].member][nodes[i].start : nodes[i].end]) for i in call]
-        ids, mask = _left_padded(runs, pad_id)
+        ids, mask = _left_padded(runs, pad_id, pad_shape)
         ids, mask = ids.to(device), mask.to(device)
-        parents = [nodes[i].parent for i in call]
+        parents = [nodes[i].parent for i in call] + [-1] * (len(ids) - len(call))
         if parents.count(-1) == len(parents):
             cache = DynamicCache(config=model.config)
-        else:  # roots get a row of holes where the others continue their parents
-            past_kv, past_mask, _ = encoded.gather(parents)
+        else:  # roots (and padding rows) get a row of holes where the others continue
+            past_kv, past_mask, _ = encoded.gather(parents, columns=pad_shape[1])
             cache = DynamicCache(ddp_cache_data=past_kv, config=model.config)
             mask = torch.cat([past_mask, mask], 1)
         past = mask.shape[1] - ids.shape[1]
@@ -419,8 +438,9 @@ def prefill_prompts(
             logits_to_keep=1,
             **{cache_keyword: cache},
         )
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        encoded.add(call, kv, mask, out.logits[:, -1].float())
+        n = len(call)  # the padding rows dropped
+        kv = [(layer.keys[:n], layer.values[:n]) for layer in cache.layers]
+        encoded.add(call, kv, mask[:n], out.logits[:n, -1].float())
     # one row per prompt, from the call that encoded its last run
     ends = {node.terminal: i for i, node in enumerate(nodes) if node.terminal != -1}
     kv, mask, logits = encoded.gather([ends[u] for u in range(len(prompts))], with_logits=True)
