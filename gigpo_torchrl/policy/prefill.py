@@ -323,10 +323,10 @@ CALL_TOKENS = {"cpu": 32.0}
 MAX_LEVELS: dict[str, int | None] = {"cpu": None}
 # The multiples ``(rows, columns)`` that each forward call's batch and widths are padded up
 # to, by device type (none where absent). PyTorch keeps cuDNN's attention graphs in a cache
-# keyed on the exact batch size, query length and key length, and a prefill of a fresh batch
-# (new shapes at every turn) built them anew: 1.6 ms of host time per layer and call,
-# profiled on an H200. Padded, the shapes recur between turns and batches. Off until a GPU
-# measures it (benchmarks/bench_rollout.py's fresh-batch rows).
+# keyed on the exact batch size, query length and key length, and every prefill of a fresh
+# batch meets new shapes; cuDNN's attention took 1.6 ms of host time per layer and call
+# there (profiled on an H200). Padded, the shapes recur between turns and batches. Off
+# until a GPU measures it (benchmarks/bench_rollout.py's fresh-batch line).
 PAD_SHAPES: dict[str, tuple[int, int]] = {}
 
 
