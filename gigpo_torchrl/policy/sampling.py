@@ -172,9 +172,15 @@ def sample_replies(
     """
     device = next(model.parameters()).device
     check_window(model.config, max(map(len, prompts), default=0) + settings.max_new_tokens)
-    distinct: dict[tuple[int, ...], int] = {}
-    source = [distinct.setdefault(tuple(p.tolist()), len(distinct)) for p in prompts]
-    unique = [torch.as_tensor(p) for p in distinct]
+    distinct: dict[tuple[int, ...], int] = {}  # a prompt's tokens -> its index in unique
+    unique: list[Tensor] = []
+    source = []  # per prompt, its index in unique
+    for prompt in prompts:
+        key = tuple(prompt.tolist())
+        if key not in distinct:
+            distinct[key] = len(unique)
+            unique.append(prompt)
+        source.append(distinct[key])
     cache_keyword = _cache_keyword(model)
     with record_function("gigpo/prefill"):
         # every run of tokens that several prompts share encoded once (a prefix tree)
