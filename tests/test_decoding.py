@@ -118,6 +118,27 @@ def test_the_cache_grows_by_half_again_so_growing_prompts_rarely_reallocate():
     assert decoding._STORES[model] is grown
 
 
+def test_held_bytes_counts_the_kept_cache_and_weight_copies():
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model(tokenizer, seed=7)
+    assert decoding.held_bytes(model) == 0
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # two short prompts and 6 new tokens: one bucket of 8 rows and 128 positions per layer
+    cache_values = config.num_hidden_layers * 2 * 8 * config.num_key_value_heads * 128 * head_dim
+    check(model, tokenizer, ["hi", "go"])  # float32, no weight copies
+    assert decoding.held_bytes(model) == cache_values * 4
+    linear = sum(
+        p.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+        for p in m.parameters(recurse=False)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a new layout: a bfloat16 store
+        check(model, tokenizer, ["hi", "go"], atol=0.05)
+    assert decoding.held_bytes(model) == (cache_values + linear) * 2
+
+
 @pytest.mark.parametrize(
     "texts",
     [("short", "a longer prompt", "mid one"), ("same", "size", "four")],

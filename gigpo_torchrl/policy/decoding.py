@@ -237,6 +237,17 @@ class _Store:
 _STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes that :class:`StaticDecoder` keeps for ``model`` between calls (and so through
+    an update): its cache storage and its weight copies under autocast (its captured
+    graphs' memory pool comes on top, on a CUDA device); 0 when it keeps none."""
+    store = _STORES.get(model)
+    if store is None:
+        return 0
+    tensors = [t for pair in store.storage for t in pair] + list((store.shadows or {}).values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _store_for(model, layout: tuple, batch: int, length: int, device) -> _Store:
     params = tuple(p.data_ptr() for p in model.parameters())
     store = _STORES.get(model)

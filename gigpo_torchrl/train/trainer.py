@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from gigpo_torchrl.advantage import GIGPOAdvantage
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.objectives import GIGPOLoss
-from gigpo_torchrl.policy import LLMPolicy, PromptBuilder, load_model
+from gigpo_torchrl.policy import LLMPolicy, PromptBuilder, decoding, load_model
 from gigpo_torchrl.policy.factory import vllm_engine, vllm_sampler
 from gigpo_torchrl.train.checkpoint import (
     clear_run,
@@ -60,6 +60,8 @@ METRICS = (
     "padding_fraction",
     "train_tokens_per_s",
     "peak_memory_mb",
+    "peak_memory_rollout_mb",
+    "decode_held_mb",
     "time_rollout",
     "time_advantage",
     "time_update",
@@ -354,6 +356,7 @@ class Trainer:
             batch = self.collector.collect()
         stats = dict(self.collector.stats)
         rollout_done = time.perf_counter()
+        rollout_peak = self._peak_memory_mb()
         if self.reference is not None:
             self._progress("reference log-probs", force=True)
             with self._autocast():
@@ -403,6 +406,9 @@ class Trainer:
             "step_group_size_histogram": stats["step_group_size_histogram"],
             **update,
             "peak_memory_mb": self._peak_memory_mb(),
+            "peak_memory_rollout_mb": rollout_peak,
+            # what the decoder keeps through the update (a GPU's static cache, weight copies)
+            "decode_held_mb": decoding.held_bytes(self.policy.model) / 2**20,
             "time_rollout": rollout_done - start,
             "time_advantage": advantage_done - rollout_done,
             "time_update": time.perf_counter() - advantage_done,
