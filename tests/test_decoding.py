@@ -137,6 +137,10 @@ def test_held_bytes_counts_the_kept_cache_and_weight_copies():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a new layout: a bfloat16 store
         check(model, tokenizer, ["hi", "go"], atol=0.05)
     assert decoding.held_bytes(model) == (cache_values + linear) * 2
+    decoding.release(model)
+    assert decoding.held_bytes(model) == 0
+    check(model, tokenizer, ["hi", "go"])  # allocated again
+    assert decoding.held_bytes(model) == cache_values * 4
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The trainer and gigpo-train: end to end with the tiny model, resume, CLI validation."""
 
+import dataclasses
 import importlib.util
 import json
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from gigpo_torchrl.policy import decoding
 from gigpo_torchrl.train import TrainConfig, Trainer
 from gigpo_torchrl.train.cli import FIELDS, build_parser, main, parse_config
 from gigpo_torchrl.train.config import auto_dtype
@@ -168,6 +170,18 @@ def test_validation_changes_no_training_number(tmp_path):
         for h in (often_history, rarely_history)
     ]
     assert numbers[0] == numbers[1]
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_the_decoder_memory_is_logged_and_released_before_the_update(tmp_path, release):
+    trainer = Trainer(tiny_config(tmp_path, iterations=1, release_decoder_memory=release))
+    # a GPU's static cache, here on the CPU
+    trainer.policy.sampling = dataclasses.replace(trainer.policy.sampling, static_cache=True)
+    record = trainer.train_iteration()
+    held = decoding.held_bytes(trainer.model)
+    assert record["decode_held_mb"] == held / 2**20
+    assert (held == 0) == release
+    assert record["peak_memory_rollout_mb"] <= record["peak_memory_mb"]
 
 
 def test_every_validation_samples_from_the_same_stream(tmp_path):

@@ -248,6 +248,12 @@ def held_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def release(model: torch.nn.Module) -> None:
+    """Drop what :class:`StaticDecoder` keeps for ``model`` (see :func:`held_bytes`); the
+    next decode allocates it again and captures its graphs again."""
+    _STORES.pop(model, None)
+
+
 def _store_for(model, layout: tuple, batch: int, length: int, device) -> _Store:
     params = tuple(p.data_ptr() for p in model.parameters())
     store = _STORES.get(model)

@@ -51,6 +51,9 @@ HELP = {
     "gradient_checkpointing": "recompute activations in backward: less memory, ~30%% slower",
     "compile_decode": "on CUDA, decode steps through torch.compile inside their CUDA graph "
     "(small kernels fused; compiling takes about a minute at start-up)",
+    "release_decoder_memory": "free what the decoder keeps between rollouts (on CUDA its "
+    "static cache and bfloat16 weight copies) before each update: a lower peak, for graphs "
+    "captured again at every rollout",
     "num_threads": "torch intra-op threads on CPU (default: the cores not busy at start-up)",
     "num_env_workers": "Ray actors stepping the games in parallel, each a share of the "
     "batch (0: in this process; needs gigpo-torchrl[ray]); the rows are the same",

@@ -48,6 +48,7 @@ RESUMABLE = frozenset(
         "ray_address",
         "gradient_checkpointing",
         "compile_decode",
+        "release_decoder_memory",
         "max_tokens_per_micro_batch",
         "micro_batch_size",
         "output_dir",
@@ -133,6 +134,7 @@ class TrainConfig:
     dtype: str = "auto"
     gradient_checkpointing: bool = False
     compile_decode: bool = False
+    release_decoder_memory: bool = False
     num_threads: int | None = None
     num_env_workers: int = 0
     num_policy_replicas: int = 0

@@ -357,6 +357,8 @@ class Trainer:
         stats = dict(self.collector.stats)
         rollout_done = time.perf_counter()
         rollout_peak = self._peak_memory_mb()
+        if config.release_decoder_memory:
+            decoding.release(self.policy.model)
         if self.reference is not None:
             self._progress("reference log-probs", force=True)
             with self._autocast():
