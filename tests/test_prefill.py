@@ -271,11 +271,18 @@ def test_schedule_splits_a_level_where_padding_costs_more_than_a_call():
     assert schedule(nodes, 100.0)[-1] == [4]
 
 
-def test_sampled_log_probs_match_teacher_forcing_with_nested_prompts(tiny):
+@pytest.mark.parametrize(
+    "static, pad_shape", [(None, None), (True, (8, 64))], ids=["default", "padded-static"]
+)
+def test_sampled_log_probs_match_teacher_forcing_with_nested_prompts(
+    tiny, monkeypatch, static, pad_shape
+):
     tokenizer, model = tiny
+    if pad_shape:  # a GPU's decoder after padded prefill calls, here on the CPU
+        monkeypatch.setitem(prefill.PAD_SHAPES, "cpu", pad_shape)
     prompts = nested_prompts(tokenizer) * 2
     torch.manual_seed(5)
-    settings = SamplingSettings(max_new_tokens=6, temperature=1.0)
+    settings = SamplingSettings(max_new_tokens=6, temperature=1.0, static_cache=static)
     replies, log_probs, _ = sample_replies(model, prompts, settings, pad_id=tokenizer.pad_token_id)
     for prompt, reply, lp in zip(prompts, replies, log_probs, strict=True):
         with torch.no_grad():
