@@ -419,7 +419,9 @@ def prefill_prompts(
         prefix_cache.reused_tokens += reused
     pad_shape = PAD_SHAPES.get(device.type, (1, 1))
     for call in calls:
-        runs = [prompts[nodes[i].member][nodes[i].start : nodes[i].end] for i in call]
+        runs = [
+            torch.as_tensor(prompts[nodes[i].member])[nodes[i].start : nodes[i].end] for i in call
+        ]
         ids, mask = _left_padded(runs, pad_id, pad_shape)
         ids, mask = ids.to(device), mask.to(device)
         parents = [nodes[i].parent for i in call] + [-1] * (len(ids) - len(call))
