@@ -145,6 +145,11 @@ def fresh_batches(collector: GroupCollector, policy: RecordingPolicy, count: int
     return batches
 
 
+def distinct(prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The distinct token sequences of ``prompts``, in first-seen order."""
+    return list({tuple(p.tolist()): p for p in prompts}.values())
+
+
 def prefill_seconds(policy: LLMPolicy, batches: list) -> float:
     """Seconds to prefill each turn's distinct prompts as the sampler does (the prompts kept
     between a batch's turns), batch after batch."""
@@ -154,10 +159,9 @@ def prefill_seconds(policy: LLMPolicy, batches: list) -> float:
     for batch in batches:
         kept = PrefixCache()
         for prompts in batch:
-            distinct = dict.fromkeys(tuple(p.tolist()) for p in policy.encode(prompts))
             prefill.prefill_prompts(
                 model,
-                [torch.tensor(p) for p in distinct],
+                distinct(policy.encode(prompts)),
                 pad_id=policy.tokenizer.pad_token_id,
                 cache_keyword=keyword,
                 prefix_cache=kept,
@@ -274,7 +278,7 @@ def prefill_tokens(token_batches, device: str) -> dict[str, int]:
     )
     for prompts in token_batches:
         lengths = [len(p) for p in prompts]
-        unique = list({tuple(p.tolist()): p for p in prompts}.values())
+        unique = distinct(prompts)
         counts["lock-step (padded)"] += len(prompts) * max(lengths)
         counts["every prompt"] += sum(lengths)
         counts["distinct prompts"] += sum(len(p) for p in unique)
