@@ -52,13 +52,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from gigpo_torchrl.collector import GroupCollector
-from gigpo_torchrl.policy import LLMPolicy, decoding, load_model, prefill, sampling
+from gigpo_torchrl.policy import LLMPolicy, load_model, prefill, sampling, weight_copies
 from gigpo_torchrl.policy.actor import action_choices, read_actions
 from gigpo_torchrl.policy.decoding import DynamicDecoder
 from gigpo_torchrl.policy.prefill import encoded_tokens
 from gigpo_torchrl.policy.prefix_cache import PrefixCache
 from gigpo_torchrl.policy.sampling import continuing, draw
 from gigpo_torchrl.train.config import auto_dtype
+from gigpo_torchrl.train.trainer import train_top_layers
 
 # Fresh batches whose prefills are timed on CUDA, and the bucket multiples (rows, columns)
 # their forward calls are padded to in the padded setting (prefill.PAD_SHAPES).
@@ -173,7 +174,8 @@ def prefill_seconds(policy: LLMPolicy, batches: list) -> float:
 
 def call_cost(model) -> tuple[float, float]:
     """``(fixed, per_token)`` seconds of one forward over ``[1, n]`` prompt tokens, from
-    n = 8 and n = 136 (medians of 3): what ``prefill.CALL_TOKENS`` is set from."""
+    n = 8 and n = 136 (medians of 3), as the prefill calls it (with the weight copies under
+    autocast): what ``prefill.CALL_TOKENS`` is set from."""
     device = next(model.parameters()).device
 
     def seconds(n: int) -> float:
@@ -181,7 +183,9 @@ def call_cost(model) -> tuple[float, float]:
         times = []
         for _ in range(4):
             start = time.perf_counter()
-            model(input_ids=ids, logits_to_keep=1)
+            copies = weight_copies.copies(model)
+            tensors = copies.tensors if copies is not None else None
+            weight_copies.call(model, tensors, input_ids=ids, logits_to_keep=1)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -196,9 +200,12 @@ def call_cost(model) -> tuple[float, float]:
 def decode_step_seconds(model, rows: list[int], width: int, concatenating=False) -> list[float]:
     """Seconds of one decode step after ``width`` cached tokens, per batch size: through the
     sampler's CPU decoder (in place, into room kept after the cache), or (``concatenating``)
-    a transformers ``DynamicCache``, which copies the whole cache at every step."""
+    a transformers ``DynamicCache``, which copies the whole cache at every step (both with
+    the weight copies under autocast)."""
     out = []
     token = model.config.vocab_size // 2  # any id the model knows
+    copies = weight_copies.copies(model)
+    tensors = copies.tensors if copies is not None else None
     with torch.no_grad():
         for n in rows:
             cache = DynamicCache(config=model.config)
@@ -211,7 +218,14 @@ def decode_step_seconds(model, rows: list[int], width: int, concatenating=False)
                 if concatenating:
                     mask = torch.cat([mask, mask[:, :1]], 1)
                     positions = mask.sum(-1, keepdim=True) - 1
-                    model(ids[:, None], attention_mask=mask, position_ids=positions, cache=cache)
+                    weight_copies.call(
+                        model,
+                        tensors,
+                        input_ids=ids[:, None],
+                        attention_mask=mask,
+                        position_ids=positions,
+                        cache=cache,
+                    )
                 else:
                     decoder.step(ids)
                 times.append(time.perf_counter() - start)
@@ -455,6 +469,14 @@ def main() -> None:
         help="bfloat16: generation under bfloat16 autocast, as gigpo-train's; auto: as "
         "gigpo-train's --dtype auto (bfloat16 on CUDA and on CPUs with bfloat16 instructions)",
     )
+    parser.add_argument(
+        "--train-layers",
+        type=lambda text: None if text == "all" else int(text),
+        default=4,
+        help="as gigpo-train's --train_layers (default 4): the layers below the top K and the "
+        "LM head are frozen, and autocast casts frozen weights at every call, trained ones "
+        "once; 'all' trains every layer",
+    )
     parser.add_argument("--no-cb", action="store_true", help="skip continuous batching")
     parser.add_argument(
         "--compile-decode",
@@ -487,6 +509,8 @@ def main() -> None:
     )
     model, tokenizer = load_model(name)
     model.to(args.device)
+    if args.train_layers is not None:
+        train_top_layers(model, args.train_layers)
     bf16 = (auto_dtype(args.device) if args.dtype == "auto" else args.dtype) == "bfloat16"
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
         run(args, name, model, tokenizer, "bfloat16 autocast" if bf16 else "float32")
@@ -556,6 +580,10 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     prefix_cache, policy.prefix_cache = policy.prefix_cache, None
     variant("  no prompts kept between turns")
     policy.prefix_cache = prefix_cache
+    if torch.is_autocast_enabled(model.device.type):
+        weight_copies.ENABLED = False
+        variant("  autocast casting the frozen weights at every call (no weight copies)")
+        weight_copies.ENABLED = True
     if model.device.type == "cuda":
         # the default decodes ahead of the host; reading each step's tokens back (as the
         # loop did before, and still does with choices) leaves the GPU idle meanwhile
@@ -563,9 +591,6 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         variant("  tokens read back at every decode step")
         sampling.SYNC_EVERY_STEP = False
         variant("sample_replies, no CUDA graphs", static_cache=False)
-        decoding.SHADOW_WEIGHTS = False
-        variant("  graphs, autocast casts every step")
-        decoding.SHADOW_WEIGHTS = True
         # the profile's lead: cuDNN's attention spent 0.65 ms of host time per prefill call
         # (a new prompt width every turn); the same sampler with the other SDPA kernels
         others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

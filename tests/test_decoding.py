@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from gigpo_torchrl.policy import decoding, make_char_tokenizer, make_tiny_model
+from gigpo_torchrl.policy import decoding, make_char_tokenizer, make_tiny_model, weight_copies
 from gigpo_torchrl.policy.decoding import LENGTH_BUCKET, DynamicDecoder
 from gigpo_torchrl.policy.prefill import prefill_prompts
 from gigpo_torchrl.policy.sampling import SamplingSettings, sample_replies
@@ -98,7 +98,7 @@ def test_a_graph_is_captured_again_when_the_decoding_way_changes(monkeypatch):
     texts = ["one prompt", "another prompt"]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         check(model, tokenizer, texts, atol=0.05)  # captured reading the bfloat16 copies
-        monkeypatch.setattr(decoding, "SHADOW_WEIGHTS", False)
+        monkeypatch.setattr(weight_copies, "ENABLED", False)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.2)

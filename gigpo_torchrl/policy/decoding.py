@@ -27,13 +27,9 @@ import weakref
 import torch
 from torch import Tensor
 
+from gigpo_torchrl.policy import weight_copies
 from gigpo_torchrl.policy.folded_attention import folding_gqa
 from gigpo_torchrl.policy.masks import for_attention
-
-# Under autocast, decode with a copy of the linear layers' weights in autocast's dtype
-# (the casts autocast would make at every step, made once per call: the same numbers).
-# Benchmarks switch it off to measure it.
-SHADOW_WEIGHTS = True
 
 # Batch sizes round up to a power of two from this one, cache lengths to a multiple of
 # LENGTH_BUCKET tokens: a few buckets (and graphs) serve a whole run of growing prompts.
@@ -71,6 +67,8 @@ class DynamicDecoder:
         cache_keyword: str,
     ):
         self.model, self.cache_keyword = model, cache_keyword
+        copies = weight_copies.copies(model)
+        self.copies = copies.tensors if copies is not None else None
         self.prompts, self.rows = cache, rows
         count, self.width = mask.shape
         self.limit = self.width + max_new_tokens
@@ -108,7 +106,9 @@ class DynamicDecoder:
             self.kv.values = [_widened(v[:, :, : self.kv.length], room) for v in self.kv.values]
         self.attend[:, 0, 0, end - 1] = True
         self.positions = self.positions + 1
-        out = self.model(
+        out = weight_copies.call(
+            self.model,
+            self.copies,
             input_ids=token[:, None],
             attention_mask=for_attention(self.model.config, self.attend[..., :end]),
             position_ids=self.positions,
@@ -208,25 +208,6 @@ class _Store:
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self.pool = None  # the graphs' shared memory pool (they never run at once)
         self.capture_failed = False
-        # under autocast: the linear layers' weights and biases in its dtype, refreshed
-        # from the model at every call (the graphs read these; see StaticDecoder)
-        self.shadows: dict[str, Tensor] | None = None
-        self.shadowed: list[Tensor] = []
-
-    def refresh_shadows(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
-        if self.shadows is None:
-            self.shadows, self.shadowed = {}, []
-            for name, module in model.named_modules():
-                if not isinstance(module, torch.nn.Linear):
-                    continue
-                for kind in ("weight", "bias"):
-                    tensor = getattr(module, kind)
-                    if tensor is not None and tensor.dtype != dtype:
-                        self.shadows[f"{name}.{kind}"] = torch.empty_like(tensor, dtype=dtype)
-                        self.shadowed.append(tensor)
-        if self.shadows:
-            with torch.no_grad():
-                torch._foreach_copy_(list(self.shadows.values()), self.shadowed)
 
     def bucket(self, batch: int, length: int) -> _Bucket:
         if (batch, length) not in self.buckets:
@@ -238,20 +219,20 @@ _STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def held_bytes(model: torch.nn.Module) -> int:
-    """Bytes that :class:`StaticDecoder` keeps for ``model`` between calls (and so through
-    an update): its cache storage and its weight copies under autocast (its captured
-    graphs' memory pool comes on top, on a CUDA device); 0 when it keeps none."""
+    """Bytes that the sampler keeps for ``model`` between calls (and so through an update):
+    :class:`StaticDecoder`'s cache storage (its captured graphs' memory pool comes on top,
+    on a CUDA device) and, under autocast, the weight copies of
+    :mod:`~gigpo_torchrl.policy.weight_copies`; 0 when it keeps none."""
     store = _STORES.get(model)
-    if store is None:
-        return 0
-    tensors = [t for pair in store.storage for t in pair] + list((store.shadows or {}).values())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    tensors = [t for pair in store.storage for t in pair] if store is not None else []
+    return sum(t.numel() * t.element_size() for t in tensors) + weight_copies.held_bytes(model)
 
 
 def release(model: torch.nn.Module) -> None:
-    """Drop what :class:`StaticDecoder` keeps for ``model`` (see :func:`held_bytes`); the
-    next decode allocates it again and captures its graphs again."""
+    """Drop what the sampler keeps for ``model`` (see :func:`held_bytes`); the next call
+    allocates it again (and captures its graphs again)."""
     _STORES.pop(model, None)
+    weight_copies.release(model)
 
 
 def _store_for(model, layout: tuple, batch: int, length: int, device) -> _Store:
@@ -275,21 +256,18 @@ def _bucket(batch: int, length: int) -> tuple[int, int]:
     return rows, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
-def _decode_forward(model, cache_keyword, ids, attend, positions, kv, shadows) -> Tensor:
-    """One decode step's forward: ``[B, V]`` logits (the linear layers' ``shadows`` in place
-    of their parameters when given)."""
-    inputs = dict(
+def _decode_forward(model, cache_keyword, ids, attend, positions, kv, copies) -> Tensor:
+    """One decode step's forward: ``[B, V]`` logits (the weight ``copies``, name -> tensor,
+    in place of the weights when given: :func:`~gigpo_torchrl.policy.weight_copies.call`)."""
+    out = weight_copies.call(
+        model,
+        copies,
         input_ids=ids,
         attention_mask=for_attention(model.config, attend),
         position_ids=positions,
         use_cache=True,
         **{cache_keyword: kv},
     )
-    if shadows:
-        # the tied embedding keeps its own float32 table: only the LM head is shadowed
-        out = torch.func.functional_call(model, shadows, kwargs=inputs, tie_weights=False)
-    else:
-        out = model(**inputs)
     return out.logits[:, -1]
 
 
@@ -346,12 +324,11 @@ class StaticDecoder:
             self.autocast[1] or prompt[0][0].dtype,
         )
         self.store = _store_for(model, layout, batch, length, device)
-        self.shadows = None
-        if enabled and SHADOW_WEIGHTS:
-            self.store.refresh_shadows(model, self.autocast[1])
-            self.shadows = self.store.shadows
+        # under autocast the graphs read these copies of the weights (refreshed in place)
+        copies = weight_copies.copies(model)
+        self.copies = copies.tensors if copies is not None else None
         # what a captured graph depends on besides its bucket's tensors
-        self.way = (self.autocast, compile, self.shadows is not None)
+        self.way = (self.autocast, compile, copies.generation if copies is not None else None)
         self.bucket = self.store.bucket(batch, length)
         self.capture = capture and not self.store.capture_failed
         b = self.bucket
@@ -399,7 +376,7 @@ class StaticDecoder:
 
     def _forward(self) -> Tensor:
         b = self.bucket
-        inputs = (self.model, self.cache_keyword, b.ids, b.attend, b.positions, b.kv, self.shadows)
+        inputs = (self.model, self.cache_keyword, b.ids, b.attend, b.positions, b.kv, self.copies)
         if not self.compile:
             return _decode_forward(*inputs)
         # traced, transformers' SDPA would copy the cache out to every query head

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gigpo_torchrl.policy import weight_copies
 from gigpo_torchrl.policy.masks import check_window, for_attention
 
 
@@ -318,14 +319,21 @@ def reply_log_probs(
                 "not the output embedding of the hidden state alone"
             )
     check_window(config, int(packed.position_ids.max()) + 1)
-    hidden = model.get_decoder()(
+    # under autocast, frozen weights read the sampler's copies instead of being cast again
+    kept = weight_copies.copies(model, make=False)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = weight_copies.call(
+        decoder,
+        weight_copies.frozen_within(kept, model, decoder),
         input_ids=packed.input_ids,
         attention_mask=for_attention(config, packed.attention_mask),
         position_ids=packed.position_ids,
         use_cache=False,
     ).last_hidden_state
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.gather)
-    logits = model.get_output_embeddings()(selected).float()
+    logits = weight_copies.call(
+        head, weight_copies.frozen_within(kept, model, head), input=selected
+    ).float()
     if packed.allowed is not None and packed.allowed.shape[1] > 0:
         logits = _restrict(logits, packed.allowed, packed.targets)
     log_softmax = logits.log_softmax(-1)

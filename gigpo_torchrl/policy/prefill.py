@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from gigpo_torchrl.policy import weight_copies
 from gigpo_torchrl.policy.prefix_cache import KeptPrompts, PrefixCache
 
 # A shared run shorter than this is not worth a forward call of its own: its tokens are
@@ -418,6 +419,8 @@ def prefill_prompts(
         encoded.add(cached, kv, mask, None)
         prefix_cache.reused_tokens += reused
     pad_shape = PAD_SHAPES.get(device.type, (1, 1))
+    copies = weight_copies.copies(model)
+    weights = copies.tensors if copies is not None else None
     for call in calls:
         runs = [
             torch.as_tensor(prompts[nodes[i].member])[nodes[i].start : nodes[i].end] for i in call
@@ -432,7 +435,9 @@ def prefill_prompts(
             cache = DynamicCache(ddp_cache_data=past_kv, config=model.config)
             mask = torch.cat([past_mask, mask], 1)
         past = mask.shape[1] - ids.shape[1]
-        out = model(
+        out = weight_copies.call(
+            model,
+            weights,
             input_ids=ids,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, past:],
