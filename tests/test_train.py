@@ -378,6 +378,24 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_rollout_validation_and_update_all_run_in_the_chosen_precision(tmp_path, dtype):
+    trainer = Trainer(tiny_config(tmp_path, iterations=1, dtype=dtype))
+    seen = []  # (phase, autocast on) at every forward of the model's first decoder layer
+    layer = trainer.model.model.layers[0]
+    hook = layer.register_forward_hook(
+        lambda *_: seen.append((trainer._phase, torch.is_autocast_enabled("cpu")))
+    )
+    try:
+        trainer.validate()
+        trainer.train_iteration()
+    finally:
+        hook.remove()
+    phases = {phase for phase, _ in seen}
+    assert {"validation", "rollout"} <= phases  # the update's phase name varies
+    assert {on for _, on in seen} == {dtype == "bfloat16"}
+
+
 def test_dtype_auto_is_bfloat16_where_the_hardware_computes_it():
     assert TrainConfig(dtype="auto", device="cpu").resolve_dtype() == auto_dtype("cpu")
     assert TrainConfig(dtype="float32", device="cpu").resolve_dtype() == "float32"

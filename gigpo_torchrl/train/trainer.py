@@ -514,7 +514,8 @@ class Trainer:
         training_rng = rng_state()
         try:
             self._seed_everything(self.config.seed)
-            self.last_val_batch = self.val_collector.collect()
+            with self._autocast():  # the policy as training samples it
+                self.last_val_batch = self.val_collector.collect()
         finally:
             set_rng_state(training_rng)
         stats = self.val_collector.stats
