@@ -12,7 +12,10 @@
    ratio of their token rates is the rollout speed-up; the collector's own rate (second
    time) against the sampler's shows its overhead (prompts, parsing, env steps). Rows of
    the sampler with one part changed show what each part is worth; on CUDA, one row puts
-   the leads for a faster GPU turn together, and a line names the fastest sampler row.
+   the leads for a faster GPU turn together, and a line names the fastest sampler row. The
+   layers below the top ``--train-layers`` (4) and the LM head are frozen, as in training:
+   under autocast those are the weights the sampler reads as copies instead of casting them
+   at every call, and a line times the sampler with and without the copies, taking turns.
 3. A third contender, transformers' continuous batching (``init_continuous_batching``: a
    paged KV cache, requests scheduled token by token, finished ones leaving at once), runs
    the same prompt batches through one persistent manager (prefix sharing on and off: what
@@ -149,6 +152,10 @@ def fresh_batches(collector: GroupCollector, policy: RecordingPolicy, count: int
 def distinct(prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     """The distinct token sequences of ``prompts``, in first-seen order."""
     return list({tuple(p.tolist()): p for p in prompts}.values())
+
+
+# rounds of the sampler with and without the weight copies, taking turns
+COPIES_ROUNDS = 3
 
 
 def prefill_seconds(policy: LLMPolicy, batches: list) -> float:
@@ -562,7 +569,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         policy, policy.prompt_batches, policy.action_batches
     )
     reused = policy.prefix_cache.reused_tokens - reused
-    sampler_rows, collector_rows, fresh_lines = [], [], []
+    sampler_rows, collector_rows, extra_lines = [], [], []
 
     # the sampler with one of its parts taken away: what that part saves
     def variant(label, **settings):
@@ -584,6 +591,22 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         weight_copies.ENABLED = False
         variant("  autocast casting the frozen weights at every call (no weight copies)")
         weight_copies.ENABLED = True
+        # a shared machine's noise can be as large as what the copies save: both ways again,
+        # taking turns, the medians compared
+        rounds = {True: [], False: []}
+        for _ in range(COPIES_ROUNDS):
+            for enabled in (True, False):
+                weight_copies.ENABLED = enabled
+                torch.manual_seed(0)
+                rounds[enabled].append(
+                    cached_sampling(policy, policy.prompt_batches, policy.action_batches)[1]
+                )
+        weight_copies.ENABLED = True
+        with_s, without_s = (float(np.median(rounds[k])) for k in (True, False))
+        extra_lines.append(
+            f"weight copies, sample_replies in {COPIES_ROUNDS} rounds taking turns (medians): "
+            f"with {with_s:.2f}s, without {without_s:.2f}s ({without_s / with_s:.2f}x)"
+        )
     if model.device.type == "cuda":
         # the default decodes ahead of the host; reading each step's tokens back (as the
         # loop did before, and still does with choices) leaves the GPU idle meanwhile
@@ -642,7 +665,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         del prefill.PAD_SHAPES["cuda"]
         if default_padding is not None:
             prefill.PAD_SHAPES["cuda"] = default_padding
-        fresh_lines.append(
+        extra_lines.append(
             f"prefill of {FRESH_BATCHES} fresh batches ({sum(map(len, batches))} turns): "
             f"exact shapes {exact_s:.2f}s, again (seen) {seen_s:.2f}s; without cuDNN attention "
             f"{others_s:.2f}s; shapes padded to {PADDED[0]} rows x {PADDED[1]} columns "
@@ -732,7 +755,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             f"{label:40} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>7.1f} "
             f"{len(prompts) / seconds:>9.1f}"
         )
-    for line in cb_lines + precision_lines + fresh_lines:
+    for line in cb_lines + precision_lines + extra_lines:
         print(line)
     counts = prefill_tokens(token_batches, model.device.type)
     print(
