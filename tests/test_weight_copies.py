@@ -104,6 +104,23 @@ def test_copies_follow_in_place_updates_and_replaced_parameters(monkeypatch):
     ]
 
 
+def test_copies_follow_a_parameter_whose_data_is_swapped():
+    # what ``module.to(device)`` does: the same parameter object, new data
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).requires_grad_(False)
+    layer = model[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = weight_copies.copies(model)
+        layer.weight.data = torch.randn(3, 4)  # new storage, same shape: copied again
+        assert weight_copies.copies(model) is first
+        assert torch.equal(first.tensors["0.weight"], layer.weight.to(torch.bfloat16))
+        layer.weight.data, layer.out_features = torch.randn(5, 4), 5  # a new shape: new copies
+        layer.bias.data = torch.randn(5)
+        again = weight_copies.copies(model)
+        assert again is not first and again.generation != first.generation
+        x = torch.randn(2, 4)
+        assert torch.equal(weight_copies.call(model, again.tensors, input=x), model(x))
+
+
 def test_the_update_reads_the_copies_of_frozen_weights_only(monkeypatch):
     tokenizer, model = frozen_tiny(seed=23)
     prompts = [torch.tensor(tokenizer.encode(t)) for t in TEXTS]

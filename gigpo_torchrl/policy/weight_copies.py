@@ -40,10 +40,17 @@ class _Copies:
         self.generation = next(_GENERATIONS)
 
     def matches(self, dtype: torch.dtype, sources: dict[str, Tensor]) -> bool:
+        # the same parameters, and each where its copy can follow it (``module.to(device)``
+        # keeps a parameter and swaps its data)
         return (
             dtype == self.dtype
             and sources.keys() == self.sources.keys()
-            and all(t is self.sources[n] for n, t in sources.items())
+            and all(
+                t is self.sources[n]
+                and t.shape == self.tensors[n].shape
+                and t.device == self.tensors[n].device
+                for n, t in sources.items()
+            )
         )
 
     def refresh(self) -> None:
