@@ -73,7 +73,7 @@ for r in (r for r in records if "loss" in r):
         f"update {r['train_tokens_per_s']:,.0f} tokens/s, "
         f"rollout {r['tokens_generated'] / r['time_rollout']:,.0f} tokens/s, "
         f"peak memory {r['peak_memory_mb'] / 1024:.1f} GiB (rollout "
-        f"{r['peak_memory_rollout_mb'] / 1024:.1f}, decoder keeps "
+        f"{r['peak_memory_rollout_mb'] / 1024:.1f}, sampler keeps "
         f"{r['decode_held_mb'] / 1024:.2f}), padding {r['padding_fraction']:.1%}"
     )
 PY
