@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, load_model
+from gigpo_torchrl.train.trainer import train_top_layers
 
 
 def main() -> None:
@@ -32,11 +33,20 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--constrain-actions", action="store_true")
+    parser.add_argument(
+        "--train-layers",
+        type=lambda text: None if text == "all" else int(text),
+        default=4,
+        help="as gigpo-train's --train_layers (default 4): the rest frozen, as in training; "
+        "'all' trains every layer",
+    )
     parser.add_argument("--rows", type=int, default=25, help="lines per table")
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
     model.to(args.device)
+    if args.train_layers is not None:
+        train_top_layers(model, args.train_layers)
     policy = LLMPolicy(
         model,
         tokenizer,
