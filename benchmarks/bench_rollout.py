@@ -61,6 +61,7 @@ from gigpo_torchrl.policy.decoding import DynamicDecoder
 from gigpo_torchrl.policy.prefill import encoded_tokens
 from gigpo_torchrl.policy.prefix_cache import PrefixCache
 from gigpo_torchrl.policy.sampling import continuing, draw
+from gigpo_torchrl.train.cli import optional_int
 from gigpo_torchrl.train.config import auto_dtype
 from gigpo_torchrl.train.trainer import train_top_layers
 
@@ -478,11 +479,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--train-layers",
-        type=lambda text: None if text == "all" else int(text),
+        type=optional_int,
         default=4,
         help="as gigpo-train's --train_layers (default 4): the layers below the top K and the "
-        "LM head are frozen, and autocast casts frozen weights at every call, trained ones "
-        "once; 'all' trains every layer",
+        "LM head frozen, whose weights autocast would cast at every call (the rows without "
+        "the weight copies show it); 'none' trains every layer",
     )
     parser.add_argument("--no-cb", action="store_true", help="skip continuous batching")
     parser.add_argument(

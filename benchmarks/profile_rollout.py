@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.policy import LLMPolicy, load_model
+from gigpo_torchrl.train.cli import optional_int
 from gigpo_torchrl.train.trainer import train_top_layers
 
 
@@ -35,10 +36,10 @@ def main() -> None:
     parser.add_argument("--constrain-actions", action="store_true")
     parser.add_argument(
         "--train-layers",
-        type=lambda text: None if text == "all" else int(text),
+        type=optional_int,
         default=4,
         help="as gigpo-train's --train_layers (default 4): the rest frozen, as in training; "
-        "'all' trains every layer",
+        "'none' trains every layer",
     )
     parser.add_argument("--rows", type=int, default=25, help="lines per table")
     args = parser.parse_args()

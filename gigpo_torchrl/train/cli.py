@@ -51,9 +51,9 @@ HELP = {
     "gradient_checkpointing": "recompute activations in backward: less memory, ~30%% slower",
     "compile_decode": "on CUDA, decode steps through torch.compile inside their CUDA graph "
     "(small kernels fused; compiling takes about a minute at start-up)",
-    "release_decoder_memory": "free what the decoder keeps between rollouts (on CUDA its "
-    "static cache and bfloat16 weight copies) before each update: a lower peak, for graphs "
-    "captured again at every rollout",
+    "release_decoder_memory": "free what the sampler keeps between rollouts (under bfloat16 "
+    "its weight copies, on CUDA also its static cache) before each update: a lower peak, for "
+    "copies made and graphs captured again at every rollout",
     "num_threads": "torch intra-op threads on CPU (default: the cores not busy at start-up)",
     "num_env_workers": "Ray actors stepping the games in parallel, each a share of the "
     "batch (0: in this process; needs gigpo-torchrl[ray]); the rows are the same",
@@ -98,7 +98,9 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _optional_int(text: str) -> int | None:
+def optional_int(text: str) -> int | None:
+    """An int flag that ``none`` (or nothing) unsets; the benchmarks' ``--train-layers``
+    reads it too, spelled as gigpo-train's ``--train_layers``."""
     return None if text.lower() in ("none", "") else int(text)
 
 
@@ -112,7 +114,7 @@ def _arg_type(name: str):
     if hint is bool:
         return _bool
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return _optional_str if str in typing.get_args(hint) else _optional_int
+        return _optional_str if str in typing.get_args(hint) else optional_int
     if typing.get_origin(hint) is dict:
         return _json_object
     return hint

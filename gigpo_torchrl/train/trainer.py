@@ -409,7 +409,7 @@ class Trainer:
             **update,
             "peak_memory_mb": self._peak_memory_mb(),
             "peak_memory_rollout_mb": rollout_peak,
-            # what the decoder keeps through the update (a GPU's static cache, weight copies)
+            # what the sampler keeps through the update (weight copies, a GPU's static cache)
             "decode_held_mb": decoding.held_bytes(self.policy.model) / 2**20,
             "time_rollout": rollout_done - start,
             "time_advantage": advantage_done - rollout_done,
