@@ -51,7 +51,6 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from tensordict import TensorDictBase
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from gigpo_torchrl.collector import GroupCollector
@@ -615,11 +614,12 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         variant("  tokens read back at every decode step")
         sampling.SYNC_EVERY_STEP = False
         variant("sample_replies, no CUDA graphs", static_cache=False)
-        # the profile's lead: cuDNN's attention spent 0.65 ms of host time per prefill call
-        # (a new prompt width every turn); the same sampler with the other SDPA kernels
-        others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        with sdpa_kernel(others):
-            variant("  SDPA without cuDNN attention")
+        # The prefill leaves cuDNN's attention out on CUDA (prefill.ATTENTION_BACKENDS): the
+        # same sampler with it among the kernels, as before, on the one batch replayed, whose
+        # shapes are new to cuDNN here (it builds their graphs on the way)
+        kernels = prefill.ATTENTION_BACKENDS.pop("cuda")
+        variant("  prefill with cuDNN attention (shapes new to it)")
+        prefill.ATTENTION_BACKENDS["cuda"] = kernels
         # the whole prefix tree, as on a CPU, against the two levels kept on a GPU
         levels = prefill.MAX_LEVELS.get("cuda", 2)
         prefill.MAX_LEVELS["cuda"] = None
@@ -631,46 +631,40 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             compile_s = time.perf_counter() - start
             variant("  graphs + torch.compile", compile_decode=True)
             print(f"compiling the decode step took about {compile_s:.0f}s")
-        # the leads together: one prefill call per turn, no cuDNN attention in it, and the
-        # compiled step when compiled above (each alone saves only part of a turn)
-        prefill.MIN_SHARED_RUN = 1 << 30
-        with sdpa_kernel(others):
-            variant(
-                "  all: whole prompts, no cuDNN" + (", compiled" if args.compile_decode else ""),
-                compile_decode=args.compile_decode,
-            )
-        prefill.MIN_SHARED_RUN = shared_run
-        if args.compile_decode:
+            # the leads together: one prefill call per turn and the compiled step (each
+            # alone saves only part of a turn)
+            prefill.MIN_SHARED_RUN = 1 << 30
+            variant("  all: whole prompts, compiled", compile_decode=True)
+            prefill.MIN_SHARED_RUN = shared_run
             default = policy.sampling
             policy.sampling = dataclasses.replace(default, compile_decode=True)
             collector_rows.append(
                 ("GroupCollector, compiled", *replay_batch(collector, policy, start_state))
             )
             policy.sampling = default
-        # Prefills of fresh batches: cuDNN's attention builds a graph for every new (batch,
-        # query length, key length), which the rows above, replaying one batch, found built
-        # (profiled on a fresh batch, it took 1.6 ms of host time a call).
-        # The batches are recorded without cuDNN, so each setting below meets its own
-        # shapes first (the exact ones; the padded ones' buckets), then again.
-        with sdpa_kernel(others):
-            batches = fresh_batches(collector, policy, FRESH_BATCHES)
+        # Prefills of fresh batches, as in training: cuDNN's attention builds a graph for
+        # every new (batch, query length, key length), which the rows above, replaying one
+        # batch, found built. The batches are recorded with the default kernels (no cuDNN),
+        # so each setting with cuDNN meets its own shapes first (the exact ones; the padded
+        # ones' buckets), then again.
+        batches = fresh_batches(collector, policy, FRESH_BATCHES)
         default_padding = prefill.PAD_SHAPES.pop("cuda", None)
+        default_s = prefill_seconds(policy, batches)
+        kernels = prefill.ATTENTION_BACKENDS.pop("cuda")
         exact_s, seen_s = prefill_seconds(policy, batches), prefill_seconds(policy, batches)
-        with sdpa_kernel(others):
-            others_s = prefill_seconds(policy, batches)
         prefill.PAD_SHAPES["cuda"] = PADDED
         padded_s, padded_seen_s = prefill_seconds(policy, batches), prefill_seconds(policy, batches)
-        # aligned widths also suit the other kernels' mask layout
-        with sdpa_kernel(others):
-            padded_others_s = prefill_seconds(policy, batches)
+        prefill.ATTENTION_BACKENDS["cuda"] = kernels
+        padded_default_s = prefill_seconds(policy, batches)
         del prefill.PAD_SHAPES["cuda"]
         if default_padding is not None:
             prefill.PAD_SHAPES["cuda"] = default_padding
         extra_lines.append(
             f"prefill of {FRESH_BATCHES} fresh batches ({sum(map(len, batches))} turns): "
-            f"exact shapes {exact_s:.2f}s, again (seen) {seen_s:.2f}s; without cuDNN attention "
-            f"{others_s:.2f}s; shapes padded to {PADDED[0]} rows x {PADDED[1]} columns "
-            f"{padded_s:.2f}s, again {padded_seen_s:.2f}s, without cuDNN {padded_others_s:.2f}s"
+            f"without cuDNN attention (the default) {default_s:.2f}s; with cuDNN {exact_s:.2f}s, "
+            f"again (graphs built) {seen_s:.2f}s; shapes padded to {PADDED[0]} rows x "
+            f"{PADDED[1]} columns, with cuDNN {padded_s:.2f}s, again {padded_seen_s:.2f}s, "
+            f"without cuDNN {padded_default_s:.2f}s"
         )
     fixed, per_token = call_cost(model)
     precision_rows, precision_lines = [], []

@@ -237,6 +237,44 @@ def test_padded_call_shapes_leave_every_prompt_as_encoded_alone(tiny, monkeypatc
     assert any(n % 4 for n, _, _ in plain)  # padding rows were added somewhere
 
 
+def test_prefill_calls_run_only_their_device_types_attention_kernels(tiny, monkeypatch):
+    """CUDA's setting (every SDPA kernel but cuDNN's), tried on the CPU: every forward call
+    runs with only those kernels enabled, the flags are restored after, and the prompts are
+    still as encoded alone."""
+    tokenizer, model = tiny
+    assert torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in prefill.ATTENTION_BACKENDS["cuda"]
+    monkeypatch.setitem(prefill.ATTENTION_BACKENDS, "cpu", prefill.ATTENTION_BACKENDS["cuda"])
+    flags = []
+
+    def record(module, args, kwargs):
+        flags.append(
+            (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+        )
+
+    prompts = nested_prompts(tokenizer)
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        cache, mask, logits = prefill_prompts(
+            model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache"
+        )
+    finally:
+        hook.remove()
+    assert flags and set(flags) == {(False, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert_rows_continue_their_prompts(model, tokenizer, prompts, cache, mask, logits)
+
+
+def test_attention_kernels_unavailable_on_the_device_fail_loudly(tiny, monkeypatch):
+    """The setting is applied, not advisory: a kernel list the CPU cannot run is an error."""
+    tokenizer, model = tiny
+    cudnn_only = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION]
+    monkeypatch.setitem(prefill.ATTENTION_BACKENDS, "cpu", cudnn_only)
+    with pytest.raises(RuntimeError, match="kernel"):
+        prefill_prompts(
+            model, nested_prompts(tokenizer), pad_id=tokenizer.pad_token_id, cache_keyword="cache"
+        )
+
+
 @pytest.mark.parametrize("call_tokens", [float("inf"), 0.0])
 def test_shared_runs_are_encoded_once(tiny, monkeypatch, call_tokens):
     tokenizer, model = tiny

@@ -21,12 +21,14 @@ opening it shares with one of them instead of encoding it again (:func:`reuse`).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from gigpo_torchrl.policy import weight_copies
@@ -326,9 +328,23 @@ MAX_LEVELS: dict[str, int | None] = {"cpu": None}
 # to, by device type (none where absent). PyTorch keeps cuDNN's attention graphs in a cache
 # keyed on the exact batch size, query length and key length, and every prefill of a fresh
 # batch meets new shapes; cuDNN's attention took 1.6 ms of host time per layer and call
-# there (profiled on an H200). Padded, the shapes recur between turns and batches. Off
-# until a GPU measures it (benchmarks/bench_rollout.py's fresh-batch line).
+# there (profiled on an H200). Padded, the shapes recur between turns and batches; off,
+# since leaving cuDNN out (below) did better on fresh batches (benchmarks/bench_rollout.py's
+# fresh-batch line).
 PAD_SHAPES: dict[str, tuple[int, int]] = {}
+# The SDPA kernels a prefill call may use, by device type (all where absent). On CUDA,
+# every kernel but cuDNN's, whose graph for each new shape cost host time on every fresh
+# batch: the prefills of 3 fresh Sokoban batches took 3.14 and 2.84 s without it against
+# 4.28 and 5.99 s with it (2.75 and 3.57 s with its graphs built), in two H200 runs.
+ATTENTION_BACKENDS: dict[str, list[SDPBackend]] = {
+    "cuda": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+}
+
+
+def _attention_kernels(device_type: str):
+    """A context limiting SDPA to :data:`ATTENTION_BACKENDS`' kernels for ``device_type``."""
+    backends = ATTENTION_BACKENDS.get(device_type)
+    return sdpa_kernel(backends) if backends else contextlib.nullcontext()
 
 
 class _Encoded:
@@ -435,16 +451,17 @@ def prefill_prompts(
             cache = DynamicCache(ddp_cache_data=past_kv, config=model.config)
             mask = torch.cat([past_mask, mask], 1)
         past = mask.shape[1] - ids.shape[1]
-        out = weight_copies.call(
-            model,
-            weights,
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, past:],
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_keyword: cache},
-        )
+        with _attention_kernels(device.type):
+            out = weight_copies.call(
+                model,
+                weights,
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, past:],
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_keyword: cache},
+            )
         n = len(call)  # the padding rows dropped
         kv = [(layer.keys[:n], layer.values[:n]) for layer in cache.layers]
         encoded.add(call, kv, mask[:n], out.logits[:n, -1].float())
