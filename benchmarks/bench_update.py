@@ -34,17 +34,14 @@ import statistics
 import time
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from torchrl.objectives.llm import GRPOLoss
 
 from gigpo_torchrl import GIGPOAdvantage
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.objectives import GIGPOLoss
-from gigpo_torchrl.policy import LLMPolicy, load_model, scoring_wrapper
+from gigpo_torchrl.policy import LLMPolicy, load_model, prefill, scoring_wrapper
 from gigpo_torchrl.train.config import auto_dtype
-
-# SDPA's kernels but cuDNN's
-WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def timed(fn) -> float:
@@ -75,6 +72,11 @@ def after(loss: GIGPOLoss, model, batch) -> float:
         loss.backward(batch)
 
     return timed(run)
+
+
+def token_count(batch, kind: str = "full") -> int:
+    """Tokens of the rows' ``("tokens", kind)`` (``full``: prompt + reply), all rows."""
+    return sum(t.numel() for t in batch.get(("tokens", kind), as_list=True))
 
 
 def padding_before(batch, rows_per_micro_batch: int) -> float:
@@ -127,8 +129,7 @@ def main() -> None:
         fresh_count = 3 if device.type == "cuda" else 0
     fresh = [GIGPOAdvantage()(collector.collect()) for _ in range(fresh_count)]
     rows = batch.shape[0]
-    row_tokens = sum(t.numel() for t in batch.get(("tokens", "full"), as_list=True))
-    reply_tokens = sum(t.numel() for t in batch.get(("tokens", "response"), as_list=True))
+    row_tokens, reply_tokens = token_count(batch), token_count(batch, "response")
     distinct = len({tuple(t.tolist()) for t in batch.get(("tokens", "prompt"), as_list=True)})
     print(
         f"{args.model}, {args.env}: {rows} step rows, {row_tokens} tokens "
@@ -155,11 +156,9 @@ def main() -> None:
         with autocast():
             after(gigpo, model, batch)  # warm-ups (kernels loaded, memory pooled) left out
             with_s, seen_s = updates(), updates()
-            with sdpa_kernel(WITHOUT_CUDNN):
+            with sdpa_kernel(prefill.ATTENTION_BACKENDS["cuda"]):  # the prefill's kernels
                 without_s = updates()
-        fresh_tokens = sum(
-            t.numel() for b in fresh for t in b.get(("tokens", "full"), as_list=True)
-        )
+        fresh_tokens = sum(map(token_count, fresh))
         print(
             f"updates of {len(fresh)} fresh batches ({fresh_tokens} row tokens, bfloat16 "
             f"autocast): SDPA's default kernels (cuDNN's among them on CUDA) {with_s:.2f}s, "

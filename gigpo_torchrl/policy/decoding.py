@@ -67,8 +67,7 @@ class DynamicDecoder:
         cache_keyword: str,
     ):
         self.model, self.cache_keyword = model, cache_keyword
-        copies = weight_copies.copies(model)
-        self.copies = copies.tensors if copies is not None else None
+        self.copies = weight_copies.tensors(model)
         self.prompts, self.rows = cache, rows
         count, self.width = mask.shape
         self.limit = self.width + max_new_tokens

@@ -435,8 +435,7 @@ def prefill_prompts(
         encoded.add(cached, kv, mask, None)
         prefix_cache.reused_tokens += reused
     pad_shape = PAD_SHAPES.get(device.type, (1, 1))
-    copies = weight_copies.copies(model)
-    weights = copies.tensors if copies is not None else None
+    weights = weight_copies.tensors(model)
     for call in calls:
         runs = [
             torch.as_tensor(prompts[nodes[i].member])[nodes[i].start : nodes[i].end] for i in call

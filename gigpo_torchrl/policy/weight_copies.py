@@ -103,6 +103,13 @@ def copies(model: torch.nn.Module, *, make: bool = True) -> _Copies | None:
     return kept
 
 
+def tensors(model: torch.nn.Module) -> dict[str, Tensor] | None:
+    """``copies(model).tensors`` (name -> copy, made or refreshed here), or None where
+    :func:`copies` gives none: what :func:`call` takes for a forward of ``model``."""
+    kept = copies(model)
+    return kept.tensors if kept is not None else None
+
+
 def call(module: torch.nn.Module, tensors: dict[str, Tensor] | None, **inputs):
     """``module(**inputs)`` with ``tensors`` (name -> tensor, such as
     ``copies(model).tensors``) in place of its weights of those names; as it is when
