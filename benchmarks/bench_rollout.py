@@ -217,7 +217,8 @@ def decode_step_seconds(model, rows: list[int], width: int, concatenating=False)
             cache = DynamicCache(config=model.config)
             model(input_ids=torch.full((n, width), token), cache=cache, logits_to_keep=1)
             ids, mask = torch.full((n,), token), torch.ones(n, width, dtype=torch.long)
-            decoder = DynamicDecoder(model, cache, torch.arange(n), mask, 4, "cache")
+            kv = prefill.stacked(cache)
+            decoder = DynamicDecoder(model, kv, torch.arange(n), mask, 4, "cache")
             times = []
             for _ in range(4):
                 start = time.perf_counter()
@@ -586,6 +587,9 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     prefix_cache, policy.prefix_cache = policy.prefix_cache, None
     variant("  no prompts kept between turns")
     policy.prefix_cache = prefix_cache
+    prefill.IN_PLACE = False
+    variant("  prefill calls copying the cached rows (transformers' cache)")
+    prefill.IN_PLACE = True
     if torch.is_autocast_enabled(model.device.type):
         weight_copies.ENABLED = False
         variant("  autocast casting the frozen weights at every call (no weight copies)")

@@ -47,6 +47,7 @@ def test_tiny_configuration_runs_and_prints_its_ratios():
     assert "sample_replies (prefix-tree prefill)" in out
     assert "no shared runs" in out
     assert "no prompts kept between turns" in out
+    assert "prefill calls copying the cached rows (transformers' cache)" in out
     assert "(no weight copies)" in out  # under autocast, with the LM head frozen
     copies = r"^weight copies, sample_replies in 3 rounds .+: with [\d.]+s, without [\d.]+s "
     copies += r"\([\d.]+x\)$"

@@ -158,11 +158,11 @@ def test_growing_cache_steps_as_a_concatenating_dynamic_cache(monkeypatch, texts
     model = make_tiny_model(tokenizer, seed=5)
     prompts = [torch.tensor(tokenizer.encode(t)) for t in texts]
     pad_id = tokenizer.pad_token_id
-    cache, mask, _ = prefill_prompts(model, prompts, pad_id=pad_id, cache_keyword="cache")
+    kv, mask, _ = prefill_prompts(model, prompts, pad_id=pad_id, cache_keyword="cache")
     rows = torch.tensor([0, 1, 1, 2, 0])
-    decoder = DynamicDecoder(model, cache, rows, mask[rows], 9, "cache")
+    decoder = DynamicDecoder(model, kv, rows, mask[rows], 9, "cache")
     ref_cache = DynamicCache(
-        ddp_cache_data=[(layer.keys[rows], layer.values[rows]) for layer in cache.layers],
+        ddp_cache_data=[(k[rows], v[rows]) for k, v in zip(*kv, strict=True)],
         config=model.config,
     )
     ref_mask = mask[rows]

@@ -41,11 +41,11 @@ def test_a_decode_step_under_folding_equals_eager_attention(device):
     model = make_tiny_model(tokenizer, seed=3).to(device)
     prompts = [torch.tensor(tokenizer.encode(t)) for t in ("go north", "a longer prompt")]
     with torch.no_grad():
-        cache, mask, _ = prefill_prompts(
+        kv, mask, _ = prefill_prompts(
             model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache"
         )
         rows = torch.arange(2, device=device)
-        decoder = StaticDecoder(model, cache, rows, mask, 2, "cache", capture=False)
+        decoder = StaticDecoder(model, kv, rows, mask, 2, "cache", capture=False)
         token = torch.tensor([5, 9], device=device)
         with folding_gqa(model):
             assert model.config._attn_implementation == FOLDED
@@ -77,10 +77,10 @@ def traced_attention_inputs(fold: bool) -> list[tuple]:
         return graph.forward
 
     with torch.no_grad():
-        cache, mask, _ = prefill_prompts(
+        kv, mask, _ = prefill_prompts(
             model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache"
         )
-        decoder = StaticDecoder(model, cache, torch.arange(2), mask, 2, "cache", capture=False)
+        decoder = StaticDecoder(model, kv, torch.arange(2), mask, 2, "cache", capture=False)
         b = decoder.bucket
         step = torch.compile(decoding._decode_forward, backend=record, fullgraph=True)
         inputs = (model, "cache", b.ids, b.attend, b.positions, b.kv, None)

@@ -188,10 +188,10 @@ def test_prefill_equals_each_prompt_encoded_alone(tiny, monkeypatch, levels):
     tokenizer, model = tiny
     monkeypatch.setitem(prefill.MAX_LEVELS, "cpu", levels)
     prompts = nested_prompts(tokenizer)
-    cache, mask, logits = prefill_prompts(
+    kv, mask, logits = prefill_prompts(
         model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache"
     )
-    assert_rows_continue_their_prompts(model, tokenizer, prompts, cache, mask, logits)
+    assert_rows_continue_their_prompts(model, tokenizer, prompts, kv, mask, logits)
 
 
 @pytest.mark.parametrize("levels", [None, 2], ids=["tree", "two-levels"])
@@ -209,7 +209,9 @@ def test_padded_call_shapes_leave_every_prompt_as_encoded_alone(tiny, monkeypatc
         shapes, cache = [], PrefixCache()
 
         def record(module, args, kwargs):
-            shapes.append((*kwargs["input_ids"].shape, kwargs["attention_mask"].shape[1]))
+            # the mask is 2-D for a call of roots, 4-D [rows, 1, new, all] for one that
+            # continues cached rows
+            shapes.append((*kwargs["input_ids"].shape, kwargs["attention_mask"].shape[-1]))
 
         for prompts in (first, second):
             hook = model.register_forward_pre_hook(record, with_kwargs=True)
@@ -254,14 +256,14 @@ def test_prefill_calls_run_only_their_device_types_attention_kernels(tiny, monke
     prompts = nested_prompts(tokenizer)
     hook = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        cache, mask, logits = prefill_prompts(
+        kv, mask, logits = prefill_prompts(
             model, prompts, pad_id=tokenizer.pad_token_id, cache_keyword="cache"
         )
     finally:
         hook.remove()
     assert flags and set(flags) == {(False, True)}
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    assert_rows_continue_their_prompts(model, tokenizer, prompts, cache, mask, logits)
+    assert_rows_continue_their_prompts(model, tokenizer, prompts, kv, mask, logits)
 
 
 def test_attention_kernels_unavailable_on_the_device_fail_loudly(tiny, monkeypatch):

@@ -49,9 +49,10 @@ class DynamicDecoder:
     reach it. The rows of finished replies are dropped, so no compute is spent on them.
 
     Args:
-        model: the causal LM that filled ``cache``.
-        cache: the prompts' transformers ``DynamicCache``, one row per distinct prompt.
-        rows: int64 ``[R]``: the ``cache`` row each reply continues.
+        model: the causal LM that filled ``prompts``.
+        prompts: the prompts' cache, every layer's keys and values ``[L, U, H, width, D]``,
+            one row per distinct prompt (:func:`~gigpo_torchrl.policy.prefill.prefill_prompts`).
+        rows: int64 ``[R]``: the ``prompts`` row each reply continues.
         mask: int64 ``[R, width]``, 1 where a cached position is a real token.
         max_new_tokens: decode steps at most.
         cache_keyword: the model's name for the cache argument.
@@ -60,7 +61,7 @@ class DynamicDecoder:
     def __init__(
         self,
         model: torch.nn.Module,
-        cache,
+        prompts: tuple[Tensor, Tensor],
         rows: Tensor,
         mask: Tensor,
         max_new_tokens: int,
@@ -68,7 +69,7 @@ class DynamicDecoder:
     ):
         self.model, self.cache_keyword = model, cache_keyword
         self.copies = weight_copies.tensors(model)
-        self.prompts, self.rows = cache, rows
+        self.prompts, self.rows = prompts, rows
         count, self.width = mask.shape
         self.limit = self.width + max_new_tokens
         # made at the first step: replies forced to their end (one-token actions) never step
@@ -91,12 +92,8 @@ class DynamicDecoder:
         """Feed int64 ``[rows]`` tokens; return the float ``[rows, V]`` next-token logits."""
         if self.kv is None:
             room = min(self.limit, self.width + INITIAL_ROOM)
-            layers = self.prompts.layers
-            self.kv = GrowingKV(
-                [_widened(layer.keys[self.rows], room) for layer in layers],
-                [_widened(layer.values[self.rows], room) for layer in layers],
-                self.width,
-            )
+            keys, values = (_widened(t[:, self.rows], room) for t in self.prompts)
+            self.kv = GrowingKV(list(keys.unbind()), list(values.unbind()), self.width)
             self.prompts = None
         end = self.kv.length + 1
         if end > self.kv.keys[0].shape[2]:
@@ -119,10 +116,10 @@ class DynamicDecoder:
 
 
 def _widened(filled: Tensor, length: int) -> Tensor:
-    """``filled`` ``[B, H, n, D]`` copied into the first ``n`` positions of a new
-    ``[B, H, length, D]`` tensor (the rest uninitialised)."""
-    out = filled.new_empty(*filled.shape[:2], length, filled.shape[3])
-    out[:, :, : filled.shape[2]] = filled
+    """``filled`` ``[..., n, D]`` copied into the first ``n`` positions of a new
+    ``[..., length, D]`` tensor (the rest uninitialised)."""
+    out = filled.new_empty(*filled.shape[:-2], length, filled.shape[-1])
+    out[..., : filled.shape[-2], :] = filled
     return out
 
 
@@ -286,9 +283,10 @@ class StaticDecoder:
     """Decode steps on a static cache, replayed as a CUDA graph on a CUDA device.
 
     Args:
-        model: the causal LM that filled ``cache``.
-        cache: the prompts' transformers ``DynamicCache``, one row per distinct prompt.
-        rows: int64 ``[R]``: the ``cache`` row each reply continues.
+        model: the causal LM that filled ``prompts``.
+        prompts: the prompts' cache, every layer's keys and values ``[L, U, H, width, D]``,
+            one row per distinct prompt (:func:`~gigpo_torchrl.policy.prefill.prefill_prompts`).
+        rows: int64 ``[R]``: the ``prompts`` row each reply continues.
         mask: int64 ``[R, width]``, 1 where a cached position is a real token.
         max_new_tokens: decode steps at most.
         cache_keyword: the model's name for the cache argument.
@@ -301,7 +299,7 @@ class StaticDecoder:
     def __init__(
         self,
         model: torch.nn.Module,
-        cache,
+        prompts: tuple[Tensor, Tensor],
         rows: Tensor,
         mask: Tensor,
         max_new_tokens: int,
@@ -317,10 +315,10 @@ class StaticDecoder:
         self.autocast = (enabled, torch.get_autocast_dtype(device.type) if enabled else None)
         count, self.width = mask.shape
         batch, length = _bucket(count, self.width + max_new_tokens)
-        prompt = [(layer.keys, layer.values) for layer in cache.layers]
+        keys, values = prompts
         layout = (
-            tuple((k.shape[1], k.shape[3], v.shape[3]) for k, v in prompt),
-            self.autocast[1] or prompt[0][0].dtype,
+            ((keys.shape[2], keys.shape[4], values.shape[4]),) * len(keys),
+            self.autocast[1] or keys.dtype,
         )
         self.store = _store_for(model, layout, batch, length, device)
         # under autocast the graphs read these copies of the weights (refreshed in place)
@@ -331,9 +329,10 @@ class StaticDecoder:
         self.bucket = self.store.bucket(batch, length)
         self.capture = capture and not self.store.capture_failed
         b = self.bucket
-        for k_view, v_view, (k, v) in zip(b.kv.keys, b.kv.values, prompt, strict=True):
-            k_view[:count, :, : self.width] = k[rows]
-            v_view[:count, :, : self.width] = v[rows]
+        keys, values = keys[:, rows], values[:, rows]  # every layer's rows at once
+        for k_view, v_view, k, v in zip(b.kv.keys, b.kv.values, keys, values, strict=True):
+            k_view[:count, :, : self.width] = k
+            v_view[:count, :, : self.width] = v
         b.positions.zero_()
         b.positions[:count, 0] = mask.sum(-1) - 1
         b.attend.zero_()

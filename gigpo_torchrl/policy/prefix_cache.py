@@ -31,38 +31,44 @@ class KeptPrompts:
 
     Args:
         tokens: U prompts' token ids.
-        kv: per layer, keys and values ``[U, H, W, D]``.
+        kv: every layer's keys and values, ``[L, U, H, W, D]`` each.
         mask: int64 ``[U, W]``, 1 where a column holds one of the row's prompt tokens (in
             order).
     """
 
-    def __init__(self, tokens: Sequence[Sequence[int]], kv: list[tuple[Tensor, Tensor]], mask):
+    def __init__(self, tokens: Sequence[Sequence[int]], kv: tuple[Tensor, Tensor], mask):
         self.tokens = [tuple(t) for t in tokens]
         self.kv = kv
         # per row, the columns of its tokens (one copy to the host per prefill)
-        self.columns = [row.nonzero().squeeze(-1) for row in mask.cpu()]
+        mask = mask.cpu()
+        columns, ends = mask.nonzero()[:, 1].tolist(), mask.sum(-1).cumsum(0).tolist()
+        starts = [0, *ends[:-1]]
+        self.columns = [columns[start:end] for start, end in zip(starts, ends, strict=True)]
 
-    def openings(
-        self, spans: Sequence[tuple[int, int]]
-    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    def openings(self, spans: Sequence[tuple[int, int]]) -> tuple[tuple[Tensor, Tensor], Tensor]:
         """Per ``(row, length)``: the keys and values of that kept prompt's first ``length``
-        tokens, without holes, left-padded to the longest: per layer ``[n, H, w, D]``, and
-        the int64 ``[n, w]`` mask."""
+        tokens, without holes, left-padded to the longest: every layer's, ``[L, n, H, w, D]``
+        each, and the int64 ``[n, w]`` mask."""
         width = max(length for _, length in spans)
-        device = self.kv[0][0].device
-        index = torch.zeros(len(spans), width, dtype=torch.long)
-        mask = torch.zeros(len(spans), width, dtype=torch.long)
-        for i, (row, length) in enumerate(spans):
-            index[i, width - length :] = self.columns[row][:length]
-            mask[i, width - length :] = 1
+        keys, values = self.kv
+        device = keys.device
+        # built as lists, then one tensor each: no tensor operation per row
+        index = [[0] * (width - n) + self.columns[row][:n] for row, n in spans]
+        mask = [[0] * (width - n) + [1] * n for _, n in spans]
+        index, mask = (torch.tensor(t, device=device) for t in (index, mask))
         rows = torch.tensor([row for row, _ in spans], device=device)[:, None]
-        index = index.to(device)
-        # advanced indices on either side of a slice come first: [n, w, H, D]
-        kv = [
-            (k[rows, :, index].transpose(1, 2), v[rows, :, index].transpose(1, 2))
-            for k, v in self.kv
-        ]
-        return kv, mask.to(device)
+        return (_columns(keys, rows, index), _columns(values, rows, index)), mask
+
+
+def _columns(kv: Tensor, rows: Tensor, index: Tensor) -> Tensor:
+    """Every layer's ``kv[:, rows[i], :, index[i]]``: ``[L, n, H, w, D]`` from ``kv``
+    ``[L, R, H, W, D]``, ``rows`` ``[n, 1]`` and ``index`` ``[n, w]``. On a CPU layer by layer
+    (as :func:`~gigpo_torchrl.policy.prefill.take_rows`; 146 against 258 ms at SmolLM2's
+    shape)."""
+    if kv.device.type != "cpu":
+        # advanced indices apart come first: [n, w, L, H, D], then put back in order
+        return kv[:, rows, :, index].permute(2, 0, 3, 1, 4)
+    return torch.stack([layer[rows, :, index] for layer in kv]).transpose(2, 3)
 
 
 def weights_key(model: torch.nn.Module) -> tuple:

@@ -184,7 +184,7 @@ def sample_replies(
     cache_keyword = _cache_keyword(model)
     with record_function("gigpo/prefill"):
         # every run of tokens that several prompts share encoded once (a prefix tree)
-        cache, mask, logits = prefill_prompts(
+        kv, mask, logits = prefill_prompts(
             model, unique, pad_id=pad_id, cache_keyword=cache_keyword, prefix_cache=prefix_cache
         )
         rows = torch.tensor(source, device=device)
@@ -193,7 +193,7 @@ def sample_replies(
         if device.type == "cuda" if settings.static_cache is None else settings.static_cache:
             decoder = StaticDecoder(
                 model,
-                cache,
+                kv,
                 rows,
                 mask[rows],
                 settings.max_new_tokens,
@@ -202,7 +202,7 @@ def sample_replies(
             )
         else:
             decoder = DynamicDecoder(
-                model, cache, rows, mask[rows], settings.max_new_tokens, cache_keyword
+                model, kv, rows, mask[rows], settings.max_new_tokens, cache_keyword
             )
 
     eos = torch.tensor(settings.eos_ids, dtype=torch.long, device=device)
