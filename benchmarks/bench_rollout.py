@@ -154,8 +154,9 @@ def distinct(prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     return list({tuple(p.tolist()): p for p in prompts}.values())
 
 
-# rounds of the sampler with and without the weight copies, taking turns
-COPIES_ROUNDS = 3
+# rounds of the sampler with and without a part (the weight copies, the prefill's in-place
+# rows), taking turns
+ROUNDS = 3
 
 
 def prefill_seconds(policy: LLMPolicy, batches: list) -> float:
@@ -590,26 +591,31 @@ def run(args, name, model, tokenizer, precision: str) -> None:
     prefill.IN_PLACE = False
     variant("  prefill calls copying the cached rows (transformers' cache)")
     prefill.IN_PLACE = True
+
+    def taking_turns(label: str, switch) -> None:
+        """The sampler with ``switch(True)`` and ``switch(False)``, in rounds taking turns
+        (a shared machine's noise can be as large as what a part saves): medians compared."""
+        rounds = {True: [], False: []}
+        for _ in range(ROUNDS):
+            for on in (True, False):
+                switch(on)
+                torch.manual_seed(0)
+                rounds[on].append(
+                    cached_sampling(policy, policy.prompt_batches, policy.action_batches)[1]
+                )
+        switch(True)
+        with_s, without_s = (float(np.median(rounds[k])) for k in (True, False))
+        extra_lines.append(
+            f"{label}, sample_replies in {ROUNDS} rounds taking turns (medians): "
+            f"with {with_s:.2f}s, without {without_s:.2f}s ({without_s / with_s:.2f}x)"
+        )
+
+    taking_turns("prefill rows written in place", lambda on: setattr(prefill, "IN_PLACE", on))
     if torch.is_autocast_enabled(model.device.type):
         weight_copies.ENABLED = False
         variant("  autocast casting the frozen weights at every call (no weight copies)")
         weight_copies.ENABLED = True
-        # a shared machine's noise can be as large as what the copies save: both ways again,
-        # taking turns, the medians compared
-        rounds = {True: [], False: []}
-        for _ in range(COPIES_ROUNDS):
-            for enabled in (True, False):
-                weight_copies.ENABLED = enabled
-                torch.manual_seed(0)
-                rounds[enabled].append(
-                    cached_sampling(policy, policy.prompt_batches, policy.action_batches)[1]
-                )
-        weight_copies.ENABLED = True
-        with_s, without_s = (float(np.median(rounds[k])) for k in (True, False))
-        extra_lines.append(
-            f"weight copies, sample_replies in {COPIES_ROUNDS} rounds taking turns (medians): "
-            f"with {with_s:.2f}s, without {without_s:.2f}s ({without_s / with_s:.2f}x)"
-        )
+        taking_turns("weight copies", lambda on: setattr(weight_copies, "ENABLED", on))
     if model.device.type == "cuda":
         # the default decodes ahead of the host; reading each step's tokens back (as the
         # loop did before, and still does with choices) leaves the GPU idle meanwhile
@@ -653,6 +659,9 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         batches = fresh_batches(collector, policy, FRESH_BATCHES)
         default_padding = prefill.PAD_SHAPES.pop("cuda", None)
         default_s = prefill_seconds(policy, batches)
+        prefill.IN_PLACE = False
+        copying_s = prefill_seconds(policy, batches)
+        prefill.IN_PLACE = True
         kernels = prefill.ATTENTION_BACKENDS.pop("cuda")
         exact_s, seen_s = prefill_seconds(policy, batches), prefill_seconds(policy, batches)
         prefill.PAD_SHAPES["cuda"] = PADDED
@@ -664,7 +673,8 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             prefill.PAD_SHAPES["cuda"] = default_padding
         extra_lines.append(
             f"prefill of {FRESH_BATCHES} fresh batches ({sum(map(len, batches))} turns): "
-            f"without cuDNN attention (the default) {default_s:.2f}s; with cuDNN {exact_s:.2f}s, "
+            f"without cuDNN attention (the default) {default_s:.2f}s, copying the cached rows "
+            f"(transformers' cache) {copying_s:.2f}s; with cuDNN {exact_s:.2f}s, "
             f"again (graphs built) {seen_s:.2f}s; shapes padded to {PADDED[0]} rows x "
             f"{PADDED[1]} columns, with cuDNN {padded_s:.2f}s, again {padded_seen_s:.2f}s, "
             f"without cuDNN {padded_default_s:.2f}s"

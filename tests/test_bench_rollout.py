@@ -49,9 +49,10 @@ def test_tiny_configuration_runs_and_prints_its_ratios():
     assert "no prompts kept between turns" in out
     assert "prefill calls copying the cached rows (transformers' cache)" in out
     assert "(no weight copies)" in out  # under autocast, with the LM head frozen
-    copies = r"^weight copies, sample_replies in 3 rounds .+: with [\d.]+s, without [\d.]+s "
-    copies += r"\([\d.]+x\)$"
-    assert re.search(copies, out, re.MULTILINE)
+    for part in ("weight copies", "prefill rows written in place"):
+        turns = rf"^{part}, sample_replies in 3 rounds .+: with [\d.]+s, without [\d.]+s "
+        turns += r"\([\d.]+x\)$"
+        assert re.search(turns, out, re.MULTILINE), part
     # the second turn continued the first turn's prompts
     kept = re.search(r"^prompts kept between turns: (\d+) prompt tokens", out, re.MULTILINE)
     assert kept and int(kept.group(1)) > 0
