@@ -54,7 +54,7 @@ from tensordict import TensorDictBase
 from transformers import DynamicCache
 
 from gigpo_torchrl.collector import GroupCollector
-from gigpo_torchrl.policy import LLMPolicy, load_model, prefill, sampling, weight_copies
+from gigpo_torchrl.policy import LLMPolicy, load_model, prefill, sampling, stacked_kv, weight_copies
 from gigpo_torchrl.policy.actor import action_choices, read_actions
 from gigpo_torchrl.policy.decoding import DynamicDecoder
 from gigpo_torchrl.policy.prefill import encoded_tokens
@@ -218,7 +218,7 @@ def decode_step_seconds(model, rows: list[int], width: int, concatenating=False)
             cache = DynamicCache(config=model.config)
             model(input_ids=torch.full((n, width), token), cache=cache, logits_to_keep=1)
             ids, mask = torch.full((n,), token), torch.ones(n, width, dtype=torch.long)
-            kv = prefill.stacked(cache)
+            kv = stacked_kv.stacked(cache)
             decoder = DynamicDecoder(model, kv, torch.arange(n), mask, 4, "cache")
             times = []
             for _ in range(4):

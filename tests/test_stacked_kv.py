@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from gigpo_torchrl.policy import prefill
+from gigpo_torchrl.policy import prefill, stacked_kv
 from gigpo_torchrl.policy.decoding import GrowingKV
 from gigpo_torchrl.policy.masks import for_attention
 from gigpo_torchrl.policy.prefix_cache import KeptPrompts, PrefixCache
@@ -49,7 +49,7 @@ def _encode(model, texts, tokenizer, past=None):
             cache=cache,
             use_cache=True,
         ).logits
-    kv = prefill.stacked(cache) if isinstance(cache, DynamicCache) else (keys, values)
+    kv = stacked_kv.stacked(cache) if isinstance(cache, DynamicCache) else (keys, values)
     return logits, kv, mask
 
 
@@ -81,27 +81,27 @@ def test_stacked_keeps_the_autocast_dtype_and_refuses_layers_that_differ():
     keys = [torch.randn(2, 3, 5, 4) for _ in range(2)]
     values = [torch.randn(2, 3, 5, 4).bfloat16() for _ in range(2)]
     cache = DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True)))
-    k, v = prefill.stacked(cache, 1)
+    k, v = stacked_kv.stacked(cache, 1)
     assert torch.equal(k, torch.stack(keys)[:, :1]) and torch.equal(v, torch.stack(values)[:, :1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        k, v = prefill.stacked(cache)
+        k, v = stacked_kv.stacked(cache)
     assert k.dtype == v.dtype == torch.bfloat16
     assert torch.equal(k, torch.stack(keys).bfloat16())
     uneven = DynamicCache(ddp_cache_data=[(keys[0], values[0]), (keys[1][:, :2], values[1])])
     with pytest.raises(ValueError, match=r"different shapes or dtypes.*\(2, 2, 5, 4\)"):
-        prefill.stacked(uneven)
+        stacked_kv.stacked(uneven)
 
 
 def test_rows_taken_and_put_layer_by_layer_equal_indexing_all_layers_at_once():
     kv = torch.randn(3, 5, 2, 4, 2)
     rows = torch.tensor([4, 0, 2, 0])
-    assert torch.equal(prefill.take_rows(kv, rows), kv[:, rows])
+    assert torch.equal(stacked_kv.take_rows(kv, rows), kv[:, rows])
     # a view (as the kept openings are) gives the same
     view = kv.transpose(2, 3)[:, :, 1:]
-    assert torch.equal(prefill.take_rows(view, rows), view[:, rows])
+    assert torch.equal(stacked_kv.take_rows(view, rows), view[:, rows])
     out, expected = torch.zeros(3, 6, 2, 7, 2), torch.zeros(3, 6, 2, 7, 2)
     into = torch.tensor([5, 1, 3, 0])
-    prefill.put_rows(out, into, slice(2, 6), kv[:, rows])
+    stacked_kv.put_rows(out, into, slice(2, 6), kv[:, rows])
     expected[:, into, :, 2:6] = kv[:, rows]
     assert torch.equal(out, expected)
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from gigpo_torchrl.policy import weight_copies
 from gigpo_torchrl.policy.folded_attention import folding_gqa
 from gigpo_torchrl.policy.masks import for_attention
+from gigpo_torchrl.policy.stacked_kv import StackedKV, take_rows
 
 # Batch sizes round up to a power of two from this one, cache lengths to a multiple of
 # LENGTH_BUCKET tokens: a few buckets (and graphs) serve a whole run of growing prompts.
@@ -50,8 +51,8 @@ class DynamicDecoder:
 
     Args:
         model: the causal LM that filled ``prompts``.
-        prompts: the prompts' cache, every layer's keys and values ``[L, U, H, width, D]``,
-            one row per distinct prompt (:func:`~gigpo_torchrl.policy.prefill.prefill_prompts`).
+        prompts: the prompts' cache rows, every layer's keys and values ``[L, U, H, width, D]``
+            (:data:`~gigpo_torchrl.policy.stacked_kv.StackedKV`), one per distinct prompt.
         rows: int64 ``[R]``: the ``prompts`` row each reply continues.
         mask: int64 ``[R, width]``, 1 where a cached position is a real token.
         max_new_tokens: decode steps at most.
@@ -61,7 +62,7 @@ class DynamicDecoder:
     def __init__(
         self,
         model: torch.nn.Module,
-        prompts: tuple[Tensor, Tensor],
+        prompts: StackedKV,
         rows: Tensor,
         mask: Tensor,
         max_new_tokens: int,
@@ -92,7 +93,7 @@ class DynamicDecoder:
         """Feed int64 ``[rows]`` tokens; return the float ``[rows, V]`` next-token logits."""
         if self.kv is None:
             room = min(self.limit, self.width + INITIAL_ROOM)
-            keys, values = (_widened(t[:, self.rows], room) for t in self.prompts)
+            keys, values = (_widened(take_rows(t, self.rows), room) for t in self.prompts)
             self.kv = GrowingKV(list(keys.unbind()), list(values.unbind()), self.width)
             self.prompts = None
         end = self.kv.length + 1
@@ -284,8 +285,8 @@ class StaticDecoder:
 
     Args:
         model: the causal LM that filled ``prompts``.
-        prompts: the prompts' cache, every layer's keys and values ``[L, U, H, width, D]``,
-            one row per distinct prompt (:func:`~gigpo_torchrl.policy.prefill.prefill_prompts`).
+        prompts: the prompts' cache rows, every layer's keys and values ``[L, U, H, width, D]``
+            (:data:`~gigpo_torchrl.policy.stacked_kv.StackedKV`), one per distinct prompt.
         rows: int64 ``[R]``: the ``prompts`` row each reply continues.
         mask: int64 ``[R, width]``, 1 where a cached position is a real token.
         max_new_tokens: decode steps at most.
@@ -299,7 +300,7 @@ class StaticDecoder:
     def __init__(
         self,
         model: torch.nn.Module,
-        prompts: tuple[Tensor, Tensor],
+        prompts: StackedKV,
         rows: Tensor,
         mask: Tensor,
         max_new_tokens: int,
@@ -329,7 +330,7 @@ class StaticDecoder:
         self.bucket = self.store.bucket(batch, length)
         self.capture = capture and not self.store.capture_failed
         b = self.bucket
-        keys, values = keys[:, rows], values[:, rows]  # every layer's rows at once
+        keys, values = take_rows(keys, rows), take_rows(values, rows)
         for k_view, v_view, k, v in zip(b.kv.keys, b.kv.values, keys, values, strict=True):
             k_view[:count, :, : self.width] = k
             v_view[:count, :, : self.width] = v

@@ -5,9 +5,11 @@ prompt, the N attempts of a group read the same task and, for their first steps,
 observations, and attempts standing in the same state read the same prompt. The distinct
 prompts of a batch are laid out as a compressed prefix tree (each node holds a run of
 tokens that all prompts below it share); the nodes are encoded level by level in batched
-forward calls, each node's rows continuing a copy of its parent's cache. The result is one
-cache row per distinct prompt, as if each had been encoded alone (left-padded holes masked
-out), and the logits after its last token.
+forward calls, each node's rows continuing its parent's: gathered with room after them, which
+the call's forward writes into in place (:data:`IN_PLACE`). The result is one cache row per
+distinct prompt, as if each had been encoded alone (left-padded holes masked out), every
+layer's in one tensor (:mod:`~gigpo_torchrl.policy.stacked_kv`), and the logits after its
+last token.
 
 How the tree is encoded depends on what a forward call costs (:func:`plan`): on a CPU every
 level, split into calls of similar run lengths where padding would cost more than a call;
@@ -35,6 +37,7 @@ from gigpo_torchrl.policy import weight_copies
 from gigpo_torchrl.policy.decoding import GrowingKV
 from gigpo_torchrl.policy.masks import for_attention
 from gigpo_torchrl.policy.prefix_cache import KeptPrompts, PrefixCache
+from gigpo_torchrl.policy.stacked_kv import StackedKV, put_rows, stacked, take_rows
 
 # A shared run shorter than this is not worth a forward call of its own: its tokens are
 # encoded again in each branch below it. (Benchmarks raise it to measure what sharing saves.)
@@ -356,63 +359,10 @@ def _attention_kernels(device_type: str):
     return sdpa_kernel(backends) if backends else contextlib.nullcontext()
 
 
-# A batch of cache rows, every layer's at once: keys ``[L, n, H, w, Dk]`` and values
-# ``[L, n, H, w, Dv]``. On a GPU, where a prefill's time is mostly its host launching
-# operations, gathering rows for all layers is one operation instead of one per layer
-# (hundreds a turn); on a CPU it is done layer by layer (:func:`take_rows`).
-StackedKV = tuple[Tensor, Tensor]
-
-
-def stacked(cache: DynamicCache, rows: int | None = None) -> StackedKV:
-    """A transformers ``DynamicCache``'s keys and values (its first ``rows`` rows, all when
-    None), every layer's stacked: ``[L, n, H, w, D]`` each. Under autocast they are kept in
-    its dtype, which attention casts them to anyway: a model's keys come out of its rotary
-    embedding in float32, and kept so they would be copied at twice the bytes.
-
-    Raises:
-        ValueError: when the layers' keys or values differ in shape or dtype (a model whose
-            layers have different numbers of key-value heads, or a sliding-window cache).
-    """
-    keys = [layer.keys[:rows] for layer in cache.layers]
-    values = [layer.values[:rows] for layer in cache.layers]
-    for name, tensors in (("keys", keys), ("values", values)):
-        kinds = {(tuple(t.shape), t.dtype) for t in tensors}
-        if len(kinds) > 1:
-            raise ValueError(
-                f"the model's layers cache {name} of different shapes or dtypes "
-                f"({sorted(kinds, key=str)}); the sampler keeps every layer's in one tensor"
-            )
-    device = keys[0].device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return torch.stack(keys).to(dtype), torch.stack(values).to(dtype)
-
-
-def take_rows(kv: Tensor, rows: Tensor) -> Tensor:
-    """``kv[:, rows]``: rows ``rows`` (int64 ``[n]``) of every layer's ``[L, R, ...]``. On a
-    CPU layer by layer: one indexing over five dimensions ran at a third of the speed of
-    thirty over four (SmolLM2's 30 layers at 64 rows of 380 tokens: 248 against 67 ms)."""
-    if kv.device.type != "cpu":
-        return kv[:, rows]
-    out = kv.new_empty(kv.shape[0], len(rows), *kv.shape[2:])
-    for layer, into in zip(kv, out, strict=True):
-        torch.index_select(layer, 0, rows, out=into)
-    return out
-
-
-def put_rows(out: Tensor, into: Tensor, columns: slice, kv: Tensor) -> None:
-    """``out[:, into, :, columns] = kv``: every layer's rows written at ``into`` (int64
-    ``[n]``), in ``columns``; on a CPU layer by layer, as :func:`take_rows`."""
-    if out.device.type != "cpu":
-        out[:, into, :, columns] = kv
-        return
-    for layer, rows in zip(out, kv, strict=True):
-        layer[into, :, columns] = rows
-
-
 class _Encoded:
     """The forward calls made so far (and the kept openings used): per call, its rows' keys and
-    values (:data:`StackedKV`), the mask ``[n, w]`` and the last logits ``[n, V]`` (None for
-    a kept opening); ``at[node] = (call, row)``."""
+    values (:data:`~gigpo_torchrl.policy.stacked_kv.StackedKV`), the mask ``[n, w]`` and the
+    last logits ``[n, V]`` (None for a kept opening); ``at[node] = (call, row)``."""
 
     def __init__(self):
         self.calls: list[tuple[StackedKV, Tensor, Tensor | None]] = []
@@ -499,10 +449,11 @@ def prefill_prompts(
 
     Returns:
         ``(kv, mask, logits)``: the cache rows, keys and values ``[L, U, H, W, D]`` of every
-        layer (:data:`StackedKV`; ``DynamicCache(ddp_cache_data=list(zip(*kv)))`` makes them
-        a transformers cache); int64 ``[U, W]`` mask, 1 where a cached position is one of
-        the prompt's tokens (in order); float ``[U, V]`` logits after each prompt's last
-        token. All on the model's device.
+        layer (:data:`~gigpo_torchrl.policy.stacked_kv.StackedKV`;
+        ``DynamicCache(ddp_cache_data=list(zip(*kv)))`` makes them a transformers cache);
+        int64 ``[U, W]`` mask, 1 where a cached position is one of the prompt's tokens (in
+        order); float ``[U, V]`` logits after each prompt's last token. All on the model's
+        device.
     """
     device = next(model.parameters()).device
     seqs = [p.tolist() for p in prompts]

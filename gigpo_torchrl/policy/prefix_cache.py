@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from gigpo_torchrl.policy.stacked_kv import take_columns
+
 
 class KeptPrompts:
     """The prompts of one prefill with their cache rows, which hold holes (masked padding).
@@ -57,18 +59,7 @@ class KeptPrompts:
         mask = [[0] * (width - n) + [1] * n for _, n in spans]
         index, mask = (torch.tensor(t, device=device) for t in (index, mask))
         rows = torch.tensor([row for row, _ in spans], device=device)[:, None]
-        return (_columns(keys, rows, index), _columns(values, rows, index)), mask
-
-
-def _columns(kv: Tensor, rows: Tensor, index: Tensor) -> Tensor:
-    """Every layer's ``kv[:, rows[i], :, index[i]]``: ``[L, n, H, w, D]`` from ``kv``
-    ``[L, R, H, W, D]``, ``rows`` ``[n, 1]`` and ``index`` ``[n, w]``. On a CPU layer by layer
-    (as :func:`~gigpo_torchrl.policy.prefill.take_rows`; 146 against 258 ms at SmolLM2's
-    shape)."""
-    if kv.device.type != "cpu":
-        # advanced indices apart come first: [n, w, L, H, D], then put back in order
-        return kv[:, rows, :, index].permute(2, 0, 3, 1, 4)
-    return torch.stack([layer[rows, :, index] for layer in kv]).transpose(2, 3)
+        return (take_columns(keys, rows, index), take_columns(values, rows, index)), mask
 
 
 def weights_key(model: torch.nn.Module) -> tuple:
