@@ -124,16 +124,15 @@ def test_kept_openings_squeeze_out_each_rows_holes_by_hand():
 @pytest.mark.parametrize("levels", [None, 2], ids=["tree", "two-levels"])
 def test_prefill_in_place_equals_prefill_through_transformers_cache(tiny, monkeypatch, levels):
     """The whole prefill both ways (``prefill.IN_PLACE``, the benchmarks' switch), two turns
-    with kept prompts: the same logits and rows, bit for bit. (Not for a call whose runs
-    are all one token on rows without holes, where transformers gives attention no mask at
-    all: float rounding apart there. The runs here are longer, as a chat prompt's are: it
-    ends with the assistant's header.)"""
+    with kept prompts: the same logits and rows, bit for bit. Among the calls, one of a
+    single new token a row on rows without holes (``x`` and ``y`` after a shared run), for
+    which transformers gives attention no mask at all."""
     tokenizer, model = tiny
     monkeypatch.setitem(prefill.MAX_LEVELS, "cpu", levels)
     system = "You are an agent in a grid. "
     turns = [
-        [system + "Task: reach the flag. x >", system + "Task: reach the flag. y >", "alone"],
-        [system + "Task: reach the flag. x > up z >", system + "Task: find a key. >", "alone 2"],
+        [system + "Task: reach the flag. x", system + "Task: reach the flag. y", "alone"],
+        [system + "Task: reach the flag. x up z", system + "Task: find a key.", "alone again"],
     ]
 
     def both_turns():

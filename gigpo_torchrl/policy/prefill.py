@@ -418,10 +418,10 @@ class _Encoded:
 def causal_mask(mask: Tensor, new: int) -> Tensor:
     """Boolean ``[n, 1, new, W]``: true where each of a call's ``new`` last columns (its
     queries) attends: the real tokens (``mask``, int64 ``[n, W]``) at or before its own
-    column. What transformers builds from the 2-D mask and a cache of ``W - new`` columns
-    (built here, since the call's cache is not one of transformers' classes), except where
-    every run is one token and no row has a hole: there transformers gives attention no mask
-    at all, and the numbers differ by float rounding."""
+    column. What transformers builds from the 2-D mask and a cache of ``W - new`` columns,
+    built here, since the call's cache is not one of transformers' classes (for one new
+    token a row and no holes transformers builds none: :func:`prefill_prompts` leaves such a
+    call to it)."""
     width = mask.shape[1]
     causal = torch.ones(new, width, dtype=torch.bool, device=mask.device).tril(width - new)
     return mask.bool()[:, None, None, :] & causal
@@ -476,18 +476,19 @@ def prefill_prompts(
         if parents.count(-1) == len(parents):  # transformers' cache and mask, as for any prompt
             cache, attention_mask = DynamicCache(config=model.config), mask
         else:  # roots (and padding rows) get a row of holes where the others continue
-            room = new if IN_PLACE else 0
-            past, past_mask, _ = encoded.gather(parents, columns=pad_shape[1], room=room)
+            past, past_mask, _ = encoded.gather(parents, columns=pad_shape[1], room=new)
+            width = past_mask.shape[1]
             mask = torch.cat([past_mask, mask], 1)
-            if IN_PLACE:
-                cache = GrowingKV(
-                    list(past[0].unbind()), list(past[1].unbind()), past_mask.shape[1]
-                )
+            # a row holds its prompt's first `end` tokens: with none of its columns a hole
+            # and one new token a row, transformers gives attention no mask at all (other
+            # numbers, by float rounding); such a call goes through transformers' cache
+            unmasked = new == 1 and all(nodes[i].end == width + 1 for i in call)
+            if IN_PLACE and not (unmasked and len(ids) == len(call)):
+                cache = GrowingKV(list(past[0].unbind()), list(past[1].unbind()), width)
                 attention_mask = for_attention(model.config, causal_mask(mask, new))
             else:
-                cache = DynamicCache(
-                    ddp_cache_data=list(zip(*past, strict=True)), config=model.config
-                )
+                rows = [(k[..., :width, :], v[..., :width, :]) for k, v in zip(*past, strict=True)]
+                cache = DynamicCache(ddp_cache_data=rows, config=model.config)
                 attention_mask = mask
         with _attention_kernels(device.type):
             out = weight_copies.call(
