@@ -119,6 +119,10 @@ def test_kept_openings_squeeze_out_each_rows_holes_by_hand():
         assert keys[layer, 0, 0, :, 0].tolist() == kv[layer, 0, 0, [1, 2, 4], 0].tolist()
         assert keys[layer, 1, 0, 1:, 0].tolist() == kv[layer, 1, 0, [0, 1], 0].tolist()
     assert torch.equal(values, -keys)
+    # the one indexing a GPU runs gives the same as the CPU's layer-by-layer gather
+    rows, index = torch.tensor([[0], [1]]), torch.tensor([[1, 2, 4], [0, 0, 1]])
+    one = kv[:, rows, :, index].permute(2, 0, 3, 1, 4)
+    assert torch.equal(stacked_kv.take_columns(kv, rows, index), one)
 
 
 @pytest.mark.parametrize("levels", [None, 2], ids=["tree", "two-levels"])
