@@ -479,11 +479,13 @@ def prefill_prompts(
             past, past_mask, _ = encoded.gather(parents, columns=pad_shape[1], room=new)
             width = past_mask.shape[1]
             mask = torch.cat([past_mask, mask], 1)
-            # a row holds its prompt's first `end` tokens: with none of its columns a hole
-            # and one new token a row, transformers gives attention no mask at all (other
-            # numbers, by float rounding); such a call goes through transformers' cache
-            unmasked = new == 1 and all(nodes[i].end == width + 1 for i in call)
-            if IN_PLACE and not (unmasked and len(ids) == len(call)):
+            # a row holds its prompt's first `end` tokens: with one new token a row and no
+            # hole in any row (a padding row is all holes), transformers gives attention no
+            # mask at all (other numbers, by float rounding); such a call goes through its cache
+            unmasked = (
+                new == 1 and len(ids) == len(call) and all(nodes[i].end == width + 1 for i in call)
+            )
+            if IN_PLACE and not unmasked:
                 cache = GrowingKV(list(past[0].unbind()), list(past[1].unbind()), width)
                 attention_mask = for_attention(model.config, causal_mask(mask, new))
             else:
