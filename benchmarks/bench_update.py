@@ -16,7 +16,11 @@ and a CPU with bfloat16 instructions), the "after" scheme is also timed under it
 with ``--fresh-batches``) the updates of fresh batches (new shapes, as in training) are also
 timed under bfloat16 autocast with and without cuDNN's attention among SDPA's kernels, since
 cuDNN builds a graph for every new shape (what the rollout's prefill measured; see
-bench_rollout.py).
+bench_rollout.py). Last, with all but the top ``--train-layers`` layers frozen (gigpo-train's
+``--train_layers``, default 4), an update as gigpo-train runs it (mini-batches of
+``--mini-batch-size`` random rows, no optimizer step) is timed with the frozen layers encoded
+once over the whole batch (``--frozen_layers_once``, the default) and again in every
+mini-batch, in rounds taking turns.
 Throughput counts the rows' own tokens (prompt + reply) per second, however they are packed.
 The last line reads ``update speed-up: <x>x, padding: <p>%`` (padding of the "after" scheme).
 
@@ -41,7 +45,9 @@ from gigpo_torchrl import GIGPOAdvantage
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.objectives import GIGPOLoss
 from gigpo_torchrl.policy import LLMPolicy, load_model, prefill, scoring_wrapper
+from gigpo_torchrl.train.cli import optional_int
 from gigpo_torchrl.train.config import auto_dtype
+from gigpo_torchrl.train.trainer import train_top_layers
 
 
 def timed(fn) -> float:
@@ -74,6 +80,45 @@ def after(loss: GIGPOLoss, model, batch) -> float:
     return timed(run)
 
 
+def training_update(loss: GIGPOLoss, model, batch, mini_batch_size: int, once: bool):
+    """Seconds of one update as gigpo-train runs it, without its optimizer steps: the
+    frozen layers encoded once over the batch when ``once``, then mini-batches of random
+    rows (the same ones every call); and the positions the mini-batches' forwards took."""
+    order = torch.randperm(batch.shape[0], generator=torch.Generator().manual_seed(0))
+    positions = []
+
+    def run():
+        frozen = loss.frozen_states(batch) if once else None
+        for mini in order.split(mini_batch_size):
+            model.zero_grad()
+            positions.append(int(loss.backward(batch[mini], frozen=frozen)["real_tokens"]))
+
+    return timed(run), sum(positions)
+
+
+def frozen_line(loss: GIGPOLoss, model, batch, args) -> None:
+    """Print the update with the frozen layers encoded once against again in every
+    mini-batch (medians of ``args.repeats`` rounds taking turns)."""
+    frozen = loss.frozen_states(batch)
+    if frozen is None:
+        print(f"frozen layers: none below the top {args.train_layers} of this model")
+        return
+    times = {True: [], False: []}
+    for _ in range(args.repeats):
+        for once in (True, False):
+            seconds, positions = training_update(loss, model, batch, args.mini_batch_size, once)
+            times[once].append(seconds)
+    once_s, every_s = (statistics.median(times[k]) for k in (True, False))
+    precision = "bfloat16 autocast" if torch.is_autocast_enabled(model.device.type) else "float32"
+    print(
+        f"frozen layers encoded once ({frozen.depth} of {len(model.get_decoder().layers)} "
+        f"layers, mini-batches of {args.mini_batch_size} random rows, {precision}, medians of "
+        f"{args.repeats} taking turns): once {once_s:.2f}s, in every mini-batch {every_s:.2f}s "
+        f"({every_s / once_s:.2f}x); positions through the frozen layers: {frozen.positions} "
+        f"once, {positions} in the mini-batches"
+    )
+
+
 def token_count(batch, kind: str = "full") -> int:
     """Tokens of the rows' ``("tokens", kind)`` (``full``: prompt + reply), all rows."""
     return sum(t.numel() for t in batch.get(("tokens", kind), as_list=True))
@@ -99,6 +144,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
+        "--train-layers",
+        type=optional_int,
+        default=4,
+        help="as gigpo-train's --train_layers, for the frozen-layers line ('none': no line)",
+    )
+    parser.add_argument(
+        "--mini-batch-size", type=int, default=32, help="as gigpo-train's, for that line"
+    )
+    parser.add_argument(
+        "--constrain-actions",
+        action="store_true",
+        help="replies are one of the admissible actions, as the main job's",
+    )
+    parser.add_argument(
         "--fresh-batches",
         type=int,
         default=None,
@@ -113,7 +172,13 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     model.to(args.device)
     device = model.device
-    policy = LLMPolicy(model, tokenizer, temperature=1.0, max_new_tokens=args.max_new_tokens)
+    policy = LLMPolicy(
+        model,
+        tokenizer,
+        temperature=1.0,
+        max_new_tokens=args.max_new_tokens,
+        constrain_actions=args.constrain_actions,
+    )
     collector = GroupCollector(
         args.env,
         policy,
@@ -199,6 +264,10 @@ def main() -> None:
     )
     if bf16:
         print(f"bfloat16 autocast: the after scheme {t_after / t_bf16:.2f}x as fast as in float32")
+    if args.train_layers is not None:
+        train_top_layers(model, args.train_layers)
+        with autocast(enabled=bf16):
+            frozen_line(gigpo, model, batch, args)
     print(f"update speed-up: {t_before / t_after:.2f}x, padding: {pad_after:.1%}")
 
 

@@ -11,7 +11,13 @@ from torch import Tensor
 from torchrl.objectives import LossModule
 
 from gigpo_torchrl.advantage import GIGPOAdvantage
-from gigpo_torchrl.policy.packing import pack_rows, plan_micro_batches, reply_log_probs
+from gigpo_torchrl.policy.frozen_layers import FrozenStates, frozen_depth
+from gigpo_torchrl.policy.packing import (
+    encode_frozen,
+    pack_rows,
+    plan_micro_batches,
+    reply_log_probs,
+)
 
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
@@ -71,7 +77,10 @@ class GIGPOLoss(LossModule):
     :meth:`backward` runs a mini-batch in micro-batches of at most
     ``max_tokens_per_micro_batch`` padded tokens (or ``micro_batch_size`` rows), calling
     ``backward()`` on each with the weights of the whole mini-batch: its gradient is the
-    gradient of ``forward``'s loss on the whole mini-batch, whatever the split.
+    gradient of ``forward``'s loss on the whole mini-batch, whatever the split. When the
+    model's bottom layers are frozen (``--train_layers``), :meth:`frozen_states` encodes
+    them once over a whole batch, and :meth:`backward` given those states starts each
+    forward above them (:mod:`~gigpo_torchrl.policy.frozen_layers`).
 
     Output keys (scalars): ``loss_objective``, ``loss_kl_to_ref`` (``beta``·KL),
     ``loss_entropy`` (−``entropy_coeff``·entropy), and the
@@ -219,7 +228,9 @@ class GIGPOLoss(LossModule):
 
     # -- the loss -------------------------------------------------------------------------
 
-    def _terms(self, rows: dict, index: list[int], tokens: int, count: int) -> dict:
+    def _terms(
+        self, rows: dict, index: list[int], tokens: int, count: int, frozen: FrozenStates | None
+    ) -> dict:
         """Weighted sums over rows ``index`` (weights of a mini-batch of ``tokens`` reply
         tokens in ``count`` non-empty rows): the loss terms and the diagnostics' sums."""
         device = self.device
@@ -228,10 +239,11 @@ class GIGPOLoss(LossModule):
             [rows["response"][i] for i in index],
             max_sequence=self.max_sequence_tokens,
             allowed=None if rows["allowed"] is None else [rows["allowed"][i] for i in index],
+            index=None if frozen is None else frozen.index,
         )
         packed = packed.to(device)
         log_probs, entropy = reply_log_probs(
-            self.model, packed, entropy=True, entropy_grad=self.entropy_coeff > 0
+            self.model, packed, entropy=True, entropy_grad=self.entropy_coeff > 0, frozen=frozen
         )
 
         def flat(name):
@@ -283,7 +295,7 @@ class GIGPOLoss(LossModule):
         """The loss of all rows of ``tensordict`` in one pass (differentiable)."""
         rows = self._rows(tensordict)
         tokens, count = self._totals(rows)
-        terms = self._terms(rows, list(range(len(rows["prompt"]))), tokens, count)
+        terms = self._terms(rows, list(range(len(rows["prompt"]))), tokens, count, None)
         return self._output(terms, tokens)
 
     def _output(self, sums: dict, tokens: int) -> TensorDict:
@@ -304,11 +316,37 @@ class GIGPOLoss(LossModule):
             max_rows=self.micro_batch_size,
         )
 
+    @torch.no_grad()
+    def frozen_states(self, tensordict: TensorDictBase) -> FrozenStates | None:
+        """The model's frozen bottom layers encoded once over all rows of ``tensordict``
+        (a whole batch, before it is split into mini-batches), for :meth:`backward`; None
+        when no layer is frozen below a trained one
+        (:func:`~gigpo_torchrl.policy.frozen_layers.frozen_depth`). Valid until the frozen
+        layers change; run it under the autocast the update runs under."""
+        depth = frozen_depth(self.model)
+        if depth == 0:
+            return None
+        keys = self.tensor_keys
+        return encode_frozen(
+            self.model,
+            tensordict.get(keys.prompt_tokens, as_list=True),
+            tensordict.get(keys.response_tokens, as_list=True),
+            depth=depth,
+            max_tokens=self.max_tokens_per_micro_batch,
+            max_rows=self.micro_batch_size,
+            max_sequence=self.max_sequence_tokens,
+        )
+
     def backward(
-        self, tensordict: TensorDictBase, micro_batches: list[list[int]] | None = None
+        self,
+        tensordict: TensorDictBase,
+        micro_batches: list[list[int]] | None = None,
+        frozen: FrozenStates | None = None,
     ) -> TensorDict:
         """Accumulate the gradient of the mini-batch ``tensordict``'s loss, micro-batch by
-        micro-batch (``micro_batches``: row indices, default :meth:`micro_batches`).
+        micro-batch (``micro_batches``: row indices, default :meth:`micro_batches`); with
+        ``frozen`` (:meth:`frozen_states` of a batch holding these rows) each forward starts
+        above the frozen layers.
 
         Returns the detached loss terms and diagnostics of the whole mini-batch, plus
         ``padding_fraction`` (share of processed positions that are padding), ``tokens``
@@ -323,7 +361,7 @@ class GIGPOLoss(LossModule):
             raise ValueError("micro_batches must cover every row exactly once")
         sums: dict = {}
         for index in plan:
-            terms = self._terms(rows, index, tokens, count)
+            terms = self._terms(rows, index, tokens, count, frozen)
             (terms["loss_objective"] + terms["loss_kl_to_ref"] + terms["loss_entropy"]).backward()
             for key, value in terms.items():
                 value = value.detach() if isinstance(value, Tensor) else value

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from gigpo_torchrl.policy import weight_copies
+from gigpo_torchrl.policy.frozen_layers import FrozenStates, run_layers
 from gigpo_torchrl.policy.masks import check_window, for_attention
 
 
@@ -53,6 +54,9 @@ class PackedBatch:
         allowed: int64 ``[T, K]`` or None: for replies sampled among a restricted set of
             tokens, the ids allowed at each reply token (-1 padded; a token with no allowed
             id was free), whose log-probs are then renormalised over that set.
+        nodes: int64 ``[S, L]`` or None: each position's node in the token trie of a
+            :class:`~gigpo_torchrl.policy.frozen_layers.FrozenStates` (-1 for padding), when
+            packed with its ``index``.
     """
 
     input_ids: Tensor
@@ -63,6 +67,7 @@ class PackedBatch:
     lengths: Tensor
     real_tokens: int
     allowed: Tensor | None = None
+    nodes: Tensor | None = None
 
     @property
     def padded_tokens(self) -> int:
@@ -82,7 +87,10 @@ class PackedBatch:
                 )
             ),
             real_tokens=self.real_tokens,
-            allowed=None if self.allowed is None else self.allowed.to(device, non_blocking=True),
+            **{
+                name: None if t is None else t.to(device, non_blocking=True)
+                for name, t in (("allowed", self.allowed), ("nodes", self.nodes))
+            },
         )
 
 
@@ -180,6 +188,7 @@ def pack_rows(
     *,
     max_sequence: int = 512,
     allowed: Sequence[Tensor] | None = None,
+    index: dict[tuple[int, int], int] | None = None,
 ) -> PackedBatch:
     """Pack rows into token-trie sequences (see the module docstring and
     :func:`plan_sequences`).
@@ -189,10 +198,16 @@ def pack_rows(
         responses: R reply token sequences (any ids; an empty reply contributes nothing).
         max_sequence: positions per packed sequence, where distinct prompts share one.
         allowed: per row, int64 ``[len(response), K]`` (see :attr:`PackedBatch.allowed`).
+        index: the trie of a batch holding these rows
+            (:attr:`~gigpo_torchrl.policy.frozen_layers.FrozenStates.index`): each
+            position's node in it goes to :attr:`PackedBatch.nodes`.
 
     Returns:
         A :class:`PackedBatch` on the CPU, whose ``gather``/``targets`` list the reply
         tokens row by row in the order given.
+
+    Raises:
+        ValueError: for an empty prompt, or a row that ``index``'s batch does not hold.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -216,9 +231,12 @@ def pack_rows(
     position_ids = np.zeros((count, width), dtype=np.int64)
     # Padding attends to itself only: a query with no key would give NaN in attention.
     mask = np.broadcast_to(np.eye(width, dtype=bool), (count, width, width)).copy()
+    nodes = None if index is None else np.full((count, width), -1, dtype=np.int64)
     for s, (tokens, parent, depth) in enumerate(sequences):
         input_ids[s, : len(tokens)] = tokens
         position_ids[s, : len(tokens)] = depth
+        if nodes is not None:
+            nodes[s, : len(tokens)] = _nodes_in(index, tokens, parent)
         ancestors = mask[s]
         for node, up in enumerate(parent):  # a node sees its parent's ancestors and itself
             if up >= 0:
@@ -234,7 +252,23 @@ def pack_rows(
         lengths=torch.tensor([len(r) for r in reply_lists], dtype=torch.long),
         real_tokens=sum(len(seq[0]) for seq in sequences),
         allowed=None if allowed is None else _stack_allowed(allowed),
+        nodes=None if nodes is None else torch.from_numpy(nodes),
     )
+
+
+def _nodes_in(index: dict[tuple[int, int], int], tokens: list[int], parent: list[int]):
+    """The nodes of a sequence's trie (``tokens``, ``parent``: parents first) in the
+    batch's trie ``index``."""
+    out: list[int] = []
+    for token, up in zip(tokens, parent, strict=True):
+        node = index.get((out[up] if up >= 0 else -1, token))
+        if node is None:
+            raise ValueError(
+                "a row is not one of the batch whose frozen-layer states were encoded "
+                "(encode_frozen over the whole batch first)"
+            )
+        out.append(node)
+    return out
 
 
 def _stack_allowed(allowed: Sequence[Tensor]) -> Tensor:
@@ -298,12 +332,15 @@ def reply_log_probs(
     *,
     entropy: bool = False,
     entropy_grad: bool = False,
+    frozen: FrozenStates | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced log-prob of every reply token of ``packed``, under ``model``.
 
     Runs the decoder body over the packed sequences and the LM head only at the ``[T]``
     gathered positions. ``model`` is a transformers causal LM (or a peft model around one)
-    whose logits are its output embedding applied to the last hidden state.
+    whose logits are its output embedding applied to the last hidden state. With ``frozen``
+    (:func:`encode_frozen` of a batch holding these rows, ``packed`` with its ``index``)
+    the forward starts at the lowest trained layer, from the states kept there.
 
     Returns:
         ``(log_probs, entropy)``: float32 ``[T]`` on the model's device, differentiable when
@@ -322,14 +359,25 @@ def reply_log_probs(
     # under autocast, frozen weights read the sampler's copies instead of being cast again
     kept = weight_copies.copies(model, make=False)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    hidden = weight_copies.call(
-        decoder,
-        weight_copies.frozen_within(kept, model, decoder),
-        input_ids=packed.input_ids,
-        attention_mask=for_attention(config, packed.attention_mask),
-        position_ids=packed.position_ids,
-        use_cache=False,
-    ).last_hidden_state
+    inputs = {
+        "attention_mask": for_attention(config, packed.attention_mask),
+        "position_ids": packed.position_ids,
+        "use_cache": False,
+    }
+    if frozen is None:
+        hidden = weight_copies.call(
+            decoder,
+            weight_copies.frozen_within(kept, model, decoder),
+            input_ids=packed.input_ids,
+            **inputs,
+        ).last_hidden_state
+    else:
+        if packed.nodes is None:
+            raise ValueError("reply_log_probs with frozen states needs rows packed with its index")
+        states = frozen.hidden[packed.nodes.clamp_min(0)]  # padding reads node 0: never scored
+        hidden = run_layers(
+            model, kept, frozen.depth, None, final_norm=True, inputs_embeds=states, **inputs
+        )
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.gather)
     logits = weight_copies.call(
         head, weight_copies.frozen_within(kept, model, head), input=selected
@@ -344,6 +392,77 @@ def reply_log_probs(
             probs = log_softmax.exp()
             ent = -(probs * log_softmax.masked_fill(probs == 0, 0)).sum(-1)
     return log_probs, ent
+
+
+@torch.no_grad()
+def encode_frozen(
+    model: torch.nn.Module,
+    prompts: Sequence[Tensor | Sequence[int]],
+    responses: Sequence[Tensor | Sequence[int]],
+    *,
+    depth: int,
+    max_tokens: int | None = 4096,
+    max_rows: int | None = None,
+    max_sequence: int = 512,
+) -> FrozenStates:
+    """The states entering decoder layer ``depth`` at every node of the rows' token trie
+    (prompt, then reply), each node encoded once (see
+    :mod:`~gigpo_torchrl.policy.frozen_layers`).
+
+    Args:
+        model: a causal LM whose embedding and layers below ``depth`` require no grad
+            (:func:`~gigpo_torchrl.policy.frozen_layers.frozen_depth`).
+        prompts, responses: the batch's R rows, as for :func:`pack_rows`.
+        depth: the frozen layers, at least 1.
+        max_tokens, max_rows, max_sequence: the forward calls' sizes, as for
+            :func:`plan_micro_batches` (no activations are kept for backward here).
+
+    Returns:
+        :class:`~gigpo_torchrl.policy.frozen_layers.FrozenStates` on the model's device.
+    """
+    if not prompts:
+        raise ValueError("encode_frozen needs at least one row")
+    if depth < 1:
+        raise ValueError(f"depth={depth!r} must be at least 1 (frozen_depth(model) frozen layers)")
+    prompt_lists = [_as_list(p) for p in prompts]
+    reply_lists = [_as_list(r) for r in responses]
+    tokens, parent, _, _ = _trie(list(zip(prompt_lists, reply_lists, strict=True)))
+    index = {(up, token): node for node, (up, token) in enumerate(zip(parent, tokens, strict=True))}
+    device = next(model.parameters()).device
+    kept = weight_copies.copies(model, make=False)
+    hidden, positions = None, 0
+    plan = plan_micro_batches(
+        prompt_lists,
+        reply_lists,
+        max_tokens=max_tokens,
+        max_rows=max_rows,
+        max_sequence=max_sequence,
+    )
+    for batch in plan:
+        packed = pack_rows(
+            [prompt_lists[i] for i in batch],
+            [reply_lists[i] for i in batch],
+            max_sequence=max_sequence,
+            index=index,
+        ).to(device)
+        check_window(model.config, int(packed.position_ids.max()) + 1)
+        states = run_layers(
+            model,
+            kept,
+            0,
+            depth,
+            final_norm=False,
+            input_ids=packed.input_ids,
+            attention_mask=for_attention(model.config, packed.attention_mask),
+            position_ids=packed.position_ids,
+            use_cache=False,
+        )
+        if hidden is None:
+            hidden = states.new_zeros(len(tokens), states.shape[-1])
+        real = packed.nodes >= 0
+        hidden[packed.nodes[real]] = states[real]
+        positions += packed.real_tokens
+    return FrozenStates(depth, index, hidden, positions)
 
 
 def _restrict(logits: Tensor, allowed: Tensor, targets: Tensor) -> Tensor:

@@ -65,6 +65,9 @@ HELP = {
     "to them): a choice among actions, never an invalid one",
     "train_layers": "train only the top K decoder layers (and the final norm): backward stops "
     "there; embeddings and LM head frozen",
+    "frozen_layers_once": "with --train_layers, encode the frozen layers below once per update "
+    "over the whole batch's token trie, each mini-batch's forward starting above them (off: "
+    "every mini-batch encodes them again)",
     "val_at_start": "validate once before the first update (the baseline of the curves)",
     "val_every": "validate every K iterations (and at the end)",
     "save_every": "checkpoint every K iterations (and at the end)",

@@ -47,6 +47,7 @@ RESUMABLE = frozenset(
         "num_policy_replicas",  # the same rules; sampled replies follow the replicas' RNGs
         "ray_address",
         "gradient_checkpointing",
+        "frozen_layers_once",  # the same numbers up to float rounding
         "compile_decode",
         "release_decoder_memory",
         "max_tokens_per_micro_batch",
@@ -129,6 +130,7 @@ class TrainConfig:
     lora: bool = False
     lora_rank: int = 8
     train_layers: int | None = 4
+    frozen_layers_once: bool = True
     # -- engine --
     device: str = "auto"
     dtype: str = "auto"

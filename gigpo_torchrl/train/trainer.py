@@ -436,6 +436,11 @@ class Trainer:
 
         head = model.get_output_embeddings() if self._bar is not None else None
         hook = head.register_forward_hook(count_micro_batch) if head is not None else None
+        frozen = None
+        if config.frozen_layers_once:
+            self._progress("update: encoding the frozen layers once", force=True)
+            with self._autocast():
+                frozen = self.loss.frozen_states(batch)
         for epoch in range(config.ppo_epochs):
             order = torch.randperm(rows)
             minis = [batch[mini] for mini in order.split(config.mini_batch_size)]
@@ -447,7 +452,7 @@ class Trainer:
             for mini, plan in zip(minis, plans, strict=True):
                 self.optimizer.zero_grad()
                 with self._autocast():
-                    out = self.loss.backward(mini, micro_batches=plan)
+                    out = self.loss.backward(mini, micro_batches=plan, frozen=frozen)
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
                 )
