@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from gigpo_torchrl.policy import decoding
+from gigpo_torchrl.policy.frozen_layers import frozen_depth
 from gigpo_torchrl.train import TrainConfig, Trainer
 from gigpo_torchrl.train.cli import FIELDS, build_parser, main, parse_config
 from gigpo_torchrl.train.config import auto_dtype
@@ -139,6 +140,41 @@ def test_train_layers_freezes_all_but_the_top_layers(tmp_path):
     assert all(k.startswith(f"model.layers.{top}.") or k == "model.norm.weight" for k in changed)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_frozen_layers_encoded_once_train_as_encoded_in_every_mini_batch(tmp_path, lora):
+    """The same update (two PPO epochs of mini-batches) whether the frozen layers are
+    encoded once or in every mini-batch: equal up to float rounding."""
+    if lora:
+        pytest.importorskip("peft")
+    runs = {}
+    for once in (True, False):
+        config = tiny_config(
+            tmp_path / str(once),
+            train_layers=1,
+            iterations=1,
+            ppo_epochs=2,
+            mini_batch_size=3,
+            dtype="float32",
+            lora=lora,
+            lora_rank=2,
+            frozen_layers_once=once,
+        )
+        trainer = Trainer(config)
+        assert frozen_depth(trainer.model) == len(trainer.model.get_decoder().layers) - 1
+        calls = []  # the bottom layer's forward calls: rollout and validation alike in both
+        bottom = trainer.model.get_decoder().layers[0]
+        bottom.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        record = trainer.train_iteration()
+        runs[once] = (record, weights(trainer.model), len(calls))
+    (once, once_weights, once_calls), (every, every_weights, every_calls) = runs[True], runs[False]
+    assert once_calls < every_calls  # the update's mini-batches skipped the frozen layer
+    assert once["grad_norm"] > 0  # a learning signal, or the comparison says nothing
+    for key in ("loss", "kl_to_behaviour", "clip_fraction", "entropy", "grad_norm"):
+        assert once[key] == pytest.approx(every[key], rel=1e-4, abs=1e-6), key
+    for name, value in once_weights.items():
+        torch.testing.assert_close(value, every_weights[name], atol=1e-5, rtol=1e-4)
+
+
 def test_validation_before_the_first_update(tmp_path):
     history = Trainer(tiny_config(tmp_path, iterations=1, val_every=5)).train()
     assert [(r["iteration"], "val_success_rate" in r) for r in history] == [
@@ -266,6 +302,7 @@ SAMPLE = {
     "num_policy_replicas": "0",
     "ray_address": "none",
     "train_layers": "2",
+    "frozen_layers_once": "false",
     "val_at_start": "false",
     "clip_epsilon": "0.3",
     "max_grad_norm": "0.5",
@@ -336,6 +373,7 @@ def test_every_flag_is_real_and_reaches_the_config():
         num_policy_replicas=0,
         ray_address=None,
         train_layers=2,
+        frozen_layers_once=False,
         val_at_start=False,
         clip_epsilon=0.3,
         max_grad_norm=0.5,
