@@ -99,7 +99,7 @@ def training_update(loss: GIGPOLoss, model, batch, mini_batch_size: int, once: b
 def frozen_line(loss: GIGPOLoss, model, batch, args) -> None:
     """Print the update with the frozen layers encoded once against again in every
     mini-batch (medians of ``args.repeats`` rounds taking turns)."""
-    frozen = loss.frozen_states(batch)
+    frozen = loss.frozen_states(batch)  # also the rounds' warm-up
     if frozen is None:
         print(f"frozen layers: none below the top {args.train_layers} of this model")
         return

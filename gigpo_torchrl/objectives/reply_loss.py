@@ -316,7 +316,6 @@ class GIGPOLoss(LossModule):
             max_rows=self.micro_batch_size,
         )
 
-    @torch.no_grad()
     def frozen_states(self, tensordict: TensorDictBase) -> FrozenStates | None:
         """The model's frozen bottom layers encoded once over all rows of ``tensordict``
         (a whole batch, before it is split into mini-batches), for :meth:`backward`; None

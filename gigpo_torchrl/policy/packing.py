@@ -98,13 +98,15 @@ def _as_list(tokens: Tensor | Sequence[int]) -> list[int]:
     return tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
 
 
-def _trie(rows: Sequence[tuple[list[int], list[int]]]) -> tuple[list, list, list, list]:
-    """The token trie of rows ``(prompt, reply)``: ``(tokens, parent, depth, predictors)``.
+def _trie(rows: Sequence[tuple[list[int], list[int]]]) -> tuple[list, list, list, list, dict]:
+    """The token trie of rows ``(prompt, reply)``: ``(tokens, parent, depth, predictors,
+    children)``.
 
     Every row's full sequence (prompt then reply) is a path from a root; rows sharing a
     prefix share its nodes. ``parent[i]`` is the node before node ``i`` (-1 at a root),
     ``depth[i]`` its position in its rows; ``predictors[r][j]`` is the node whose output
-    predicts token ``j`` of row ``r``'s reply. A parent always comes before its children.
+    predicts token ``j`` of row ``r``'s reply; ``children[(parent, token)]`` is the node
+    of ``token`` after ``parent``. A parent always comes before its children.
     """
     tokens: list[int] = []
     parent: list[int] = []
@@ -125,7 +127,7 @@ def _trie(rows: Sequence[tuple[list[int], list[int]]]) -> tuple[list, list, list
                 depth.append(position)
             node = child
         predictors.append(path)
-    return tokens, parent, depth, predictors
+    return tokens, parent, depth, predictors, children
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -220,7 +222,9 @@ def pack_rows(
     row_predictors: list[tuple[int, list[int]]] = [(0, [])] * len(prompts)
     plan = plan_sequences(prompt_lists, reply_lists, max_sequence=max_sequence)
     for s, rows in enumerate(plan):
-        tokens, parent, depth, predictors = _trie([(prompt_lists[i], reply_lists[i]) for i in rows])
+        tokens, parent, depth, predictors, _ = _trie(
+            [(prompt_lists[i], reply_lists[i]) for i in rows]
+        )
         sequences.append((tokens, parent, depth))
         for i, path in zip(rows, predictors, strict=True):
             row_predictors[i] = (s, path)
@@ -426,8 +430,7 @@ def encode_frozen(
         raise ValueError(f"depth={depth!r} must be at least 1 (frozen_depth(model) frozen layers)")
     prompt_lists = [_as_list(p) for p in prompts]
     reply_lists = [_as_list(r) for r in responses]
-    tokens, parent, _, _ = _trie(list(zip(prompt_lists, reply_lists, strict=True)))
-    index = {(up, token): node for node, (up, token) in enumerate(zip(parent, tokens, strict=True))}
+    index = _trie(list(zip(prompt_lists, reply_lists, strict=True)))[4]
     device = next(model.parameters()).device
     kept = weight_copies.copies(model, make=False)
     hidden, positions = None, 0
@@ -458,7 +461,7 @@ def encode_frozen(
             use_cache=False,
         )
         if hidden is None:
-            hidden = states.new_zeros(len(tokens), states.shape[-1])
+            hidden = states.new_zeros(len(index), states.shape[-1])
         real = packed.nodes >= 0
         hidden[packed.nodes[real]] = states[real]
         positions += packed.real_tokens
