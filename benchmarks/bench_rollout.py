@@ -9,7 +9,9 @@
    row decoded until the call ends, logits kept for the behaviour log-probs), and
    :func:`~gigpo_torchrl.policy.sampling.sample_replies` (each distinct prompt prefilled
    once over the prefix tree of a turn's prompts, finished replies leave the batch). The
-   ratio of their token rates is the rollout speed-up; the collector's own rate (second
+   ratio of their token rates is the rollout speed-up (with ``--rounds N``, from the medians
+   of N more rounds taking turns, since lock-step's time varies from run to run on a GPU
+   more than the sampler's); the collector's own rate (second
    time) against the sampler's shows its overhead (prompts, parsing, env steps). Rows of
    the sampler with one part changed show what each part is worth; on CUDA, one row puts
    the leads for a faster GPU turn together, and a line names the fastest sampler row. The
@@ -153,6 +155,9 @@ def distinct(prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     """The distinct token sequences of ``prompts``, in first-seen order."""
     return list({tuple(p.tolist()): p for p in prompts}.values())
 
+
+# the compiled sampler's row, timed again in the headline's rounds (--rounds)
+COMPILED = "  graphs + torch.compile"
 
 # rounds of the sampler with and without a part (the weight copies, the prefill's in-place
 # rows), taking turns
@@ -485,6 +490,14 @@ def main() -> None:
         "LM head frozen, whose weights autocast would cast at every call (the rows without "
         "the weight copies show it); 'none' trains every layer",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time lock-step and the default sampler (and the compiled one with "
+        "--compile-decode) again in this many rounds taking turns, the table's rows and the "
+        "ratios from their medians (default 1: each timed once, in the table's order)",
+    )
     parser.add_argument("--no-cb", action="store_true", help="skip continuous batching")
     parser.add_argument(
         "--compile-decode",
@@ -509,6 +522,8 @@ def main() -> None:
         "--cb-page-size", type=int, default=16, help="continuous batching tokens per cache page"
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -638,7 +653,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             start = time.perf_counter()
             variant("  graphs + torch.compile (compiling)", compile_decode=True)
             compile_s = time.perf_counter() - start
-            variant("  graphs + torch.compile", compile_decode=True)
+            variant(COMPILED, compile_decode=True)
             print(f"compiling the decode step took about {compile_s:.0f}s")
             # the leads together: one prefill call per turn and the compiled step (each
             # alone saves only part of a turn)
@@ -679,6 +694,8 @@ def run(args, name, model, tokenizer, precision: str) -> None:
             f"{PADDED[1]} columns, with cuDNN {padded_s:.2f}s, again {padded_seen_s:.2f}s, "
             f"without cuDNN {padded_default_s:.2f}s"
         )
+    if args.rounds > 1:
+        old_s, new_s = headline_rounds(args.rounds, policy, lock_step, sampler_rows, extra_lines)
     fixed, per_token = call_cost(model)
     precision_rows, precision_lines = [], []
     if model.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
@@ -835,6 +852,41 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         f"{(tokens / seconds) / (old_tokens / old_s):.2f}x lock-step"
     )
     print(f"rollout speed-up: {(new_tokens / new_s) / (old_tokens / old_s):.2f}x")
+
+
+def headline_rounds(rounds: int, policy, lock_step, sampler_rows, lines) -> tuple[float, float]:
+    """Lock-step ``generate`` and the default sampler (and the compiled one, if timed above)
+    again in ``rounds`` rounds taking turns: ``(lock-step, sampler)`` median seconds, the
+    compiled row's seconds replaced by its median, and a line with every round's time.
+    Lock-step is host-bound: on one H200 it took 8.6 s in one run and 15.5 s in the next,
+    which moved the headline ratio more than any part of the sampler did."""
+
+    def sampler(compiled: bool) -> float:
+        default = policy.sampling
+        policy.sampling = dataclasses.replace(default, compile_decode=compiled)
+        torch.manual_seed(0)
+        seconds = cached_sampling(policy, policy.prompt_batches, policy.action_batches)[1]
+        policy.sampling = default
+        return seconds
+
+    contenders = {"lock-step": lambda: lock_step()[1], "sample_replies": lambda: sampler(False)}
+    compiled = [i for i, row in enumerate(sampler_rows) if row[0] == COMPILED]
+    if compiled:
+        contenders["compiled"] = lambda: sampler(True)
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, seconds in contenders.items():
+            times[name].append(seconds())
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    if compiled:
+        label, tokens, _ = sampler_rows[compiled[0]]
+        sampler_rows[compiled[0]] = (label, tokens, medians["compiled"])
+    lines.append(
+        f"in {rounds} rounds taking turns: "
+        + "; ".join(f"{name} " + ", ".join(f"{s:.2f}" for s in t) + "s" for name, t in times.items())
+        + " (their table rows and the ratios: medians)"
+    )
+    return medians["lock-step"], medians["sample_replies"]
 
 
 def replay_batch(

@@ -2,7 +2,8 @@
 # GPU check, on a CUDA machine, most telling step first: the rollout benchmark at
 # SmolLM2-135M's shape with random weights and 64 environments (sokoban, 8 groups x 8, 10
 # turns, 16 new tokens: lock-step generate against the sampler and its variants, compiled
-# steps included, same prompts; on CUDA also the prefills of fresh batches); the test suite
+# steps included, same prompts, the headline from medians of 3 rounds taking turns; on CUDA
+# also the prefills of fresh batches); the test suite
 # (its device fixture adds CUDA to every device-parametrised test); two gigpo-train
 # iterations at two real model shapes with random weights (same rollout shape), printing
 # update tokens/s, rollout tokens/s and GPU memory of each; the update benchmark at the main
@@ -55,7 +56,7 @@ step() {
 shape=(--model random:smollm2-135m --env sokoban --groups 8 --generations 8 --max-steps 10
     --max-new-tokens 16 --device cuda)
 step bench_rollout "${GPU_CHECK_BENCH_TIMEOUT:-300}" 45 "$python" benchmarks/bench_rollout.py \
-    "${shape[@]}" --no-cb --compile-decode ${GPU_CHECK_BENCH_ARGS:-} || failed+=(bench_rollout)
+    "${shape[@]}" --no-cb --compile-decode --rounds 3 ${GPU_CHECK_BENCH_ARGS:-} || failed+=(bench_rollout)
 step tests "${GPU_CHECK_TESTS_TIMEOUT:-900}" 15 "$python" -m pytest -q -p no:cacheprovider \
     ${GPU_CHECK_PYTEST_ARGS:-} || failed+=(tests)
 for model in ${GPU_CHECK_MODELS:-random:smollm2-135m random:qwen2.5-1.5b}; do

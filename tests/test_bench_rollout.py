@@ -38,7 +38,7 @@ def test_tiny_configuration_runs_and_prints_its_ratios():
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", "tiny", "--env", "lake-walk", "--groups", "2"]
         + ["--generations", "2", "--max-steps", "2", "--max-new-tokens", "4", "--no-cb"]
-        + ["--dtype", "bfloat16"],
+        + ["--dtype", "bfloat16", "--rounds", "2"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -68,4 +68,20 @@ def test_tiny_configuration_runs_and_prints_its_ratios():
     assert re.search(r"^lock-step model.generate, float32\s+\d+", out, re.MULTILINE)
     assert re.search(r"^sample_replies, float32\s+\d+", out, re.MULTILINE)
     assert re.search(r"^bfloat16 autocast against float32: lock-step [\d.]+x, ", out, re.MULTILINE)
-    assert re.search(r"^rollout speed-up: [\d.]+x$", out, re.MULTILINE)
+    # --rounds 2: both ways timed twice more, taking turns; the table shows their medians and
+    # the speed-up is their ratio (same tokens both ways: the rows' token counts)
+    rounds = re.search(
+        r"^in 2 rounds taking turns: lock-step ([\d.]+), ([\d.]+)s; "
+        r"sample_replies ([\d.]+), ([\d.]+)s \(their table rows and the ratios: medians\)$",
+        out,
+        re.MULTILINE,
+    )
+    assert rounds
+    lock_s, sampler_s = (float(rounds[i]) + float(rounds[i + 1]) for i in (1, 3))
+    row = r"^{}\s+(\d+)\s+([\d.]+) "
+    lock = re.search(row.format(re.escape("lock-step model.generate (first wave)")), out, re.M)
+    ours = re.search(row.format(re.escape("sample_replies (prefix-tree prefill)")), out, re.M)
+    assert abs(float(lock[2]) - lock_s / 2) <= 0.006 and abs(float(ours[2]) - sampler_s / 2) <= 0.006
+    speed_up = re.search(r"^rollout speed-up: ([\d.]+)x$", out, re.MULTILINE)
+    expected = (int(ours[1]) / sampler_s) / (int(lock[1]) / lock_s)
+    assert speed_up and abs(float(speed_up[1]) - expected) <= 0.02 * expected
