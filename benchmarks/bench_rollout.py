@@ -883,7 +883,7 @@ def headline_rounds(rounds: int, policy, lock_step, sampler_rows, lines) -> tupl
         sampler_rows[compiled[0]] = (label, tokens, medians["compiled"])
     lines.append(
         f"in {rounds} rounds taking turns: "
-        + "; ".join(f"{name} " + ", ".join(f"{s:.2f}" for s in t) + "s" for name, t in times.items())
+        + "; ".join(f"{name} {', '.join(f'{s:.2f}' for s in t)}s" for name, t in times.items())
         + " (their table rows and the ratios: medians)"
     )
     return medians["lock-step"], medians["sample_replies"]
