@@ -56,7 +56,15 @@ from tensordict import TensorDictBase
 from transformers import DynamicCache
 
 from gigpo_torchrl.collector import GroupCollector
-from gigpo_torchrl.policy import LLMPolicy, load_model, prefill, sampling, stacked_kv, weight_copies
+from gigpo_torchrl.policy import (
+    LLMPolicy,
+    attention_kernels,
+    load_model,
+    prefill,
+    sampling,
+    stacked_kv,
+    weight_copies,
+)
 from gigpo_torchrl.policy.actor import action_choices, read_actions
 from gigpo_torchrl.policy.decoding import DynamicDecoder
 from gigpo_torchrl.policy.prefill import encoded_tokens
@@ -638,12 +646,12 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         variant("  tokens read back at every decode step")
         sampling.SYNC_EVERY_STEP = False
         variant("sample_replies, no CUDA graphs", static_cache=False)
-        # The prefill leaves cuDNN's attention out on CUDA (prefill.ATTENTION_BACKENDS): the
+        # The prefill leaves cuDNN's attention out on CUDA (attention_kernels.py): the
         # same sampler with it among the kernels, as before, on the one batch replayed, whose
         # shapes are new to cuDNN here (it builds their graphs on the way)
-        kernels = prefill.ATTENTION_BACKENDS.pop("cuda")
+        kernels = attention_kernels.ATTENTION_BACKENDS.pop("cuda")
         variant("  prefill with cuDNN attention (shapes new to it)")
-        prefill.ATTENTION_BACKENDS["cuda"] = kernels
+        attention_kernels.ATTENTION_BACKENDS["cuda"] = kernels
         # the whole prefix tree, as on a CPU, against the two levels kept on a GPU
         levels = prefill.MAX_LEVELS.get("cuda", 2)
         prefill.MAX_LEVELS["cuda"] = None
@@ -677,11 +685,11 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         prefill.IN_PLACE = False
         copying_s = prefill_seconds(policy, batches)
         prefill.IN_PLACE = True
-        kernels = prefill.ATTENTION_BACKENDS.pop("cuda")
+        kernels = attention_kernels.ATTENTION_BACKENDS.pop("cuda")
         exact_s, seen_s = prefill_seconds(policy, batches), prefill_seconds(policy, batches)
         prefill.PAD_SHAPES["cuda"] = PADDED
         padded_s, padded_seen_s = prefill_seconds(policy, batches), prefill_seconds(policy, batches)
-        prefill.ATTENTION_BACKENDS["cuda"] = kernels
+        attention_kernels.ATTENTION_BACKENDS["cuda"] = kernels
         padded_default_s = prefill_seconds(policy, batches)
         del prefill.PAD_SHAPES["cuda"]
         if default_padding is not None:

@@ -14,9 +14,9 @@ same process:
 Both run in float32. Where ``gigpo-train --dtype auto`` updates under bfloat16 autocast (CUDA,
 and a CPU with bfloat16 instructions), the "after" scheme is also timed under it. On CUDA (or
 with ``--fresh-batches``) the updates of fresh batches (new shapes, as in training) are also
-timed under bfloat16 autocast with and without cuDNN's attention among SDPA's kernels, since
-cuDNN builds a graph for every new shape (what the rollout's prefill measured; see
-bench_rollout.py). Last, with all but the top ``--train-layers`` layers frozen (gigpo-train's
+timed under bfloat16 autocast with every SDPA kernel and with the update's own
+(``policy/attention_kernels.py``: on CUDA without cuDNN's, which builds a graph for every new
+shape). Last, with all but the top ``--train-layers`` layers frozen (gigpo-train's
 ``--train_layers``, default 4), an update as gigpo-train runs it (mini-batches of
 ``--mini-batch-size`` random rows, no optimizer step) is timed with the frozen layers encoded
 once over the whole batch (``--frozen_layers_once``, the default) and again in every
@@ -38,13 +38,12 @@ import statistics
 import time
 
 import torch
-from torch.nn.attention import sdpa_kernel
 from torchrl.objectives.llm import GRPOLoss
 
 from gigpo_torchrl import GIGPOAdvantage
 from gigpo_torchrl.collector import GroupCollector
 from gigpo_torchrl.objectives import GIGPOLoss
-from gigpo_torchrl.policy import LLMPolicy, load_model, prefill, scoring_wrapper
+from gigpo_torchrl.policy import LLMPolicy, attention_kernels, load_model, scoring_wrapper
 from gigpo_torchrl.train.cli import optional_int
 from gigpo_torchrl.train.config import auto_dtype
 from gigpo_torchrl.train.trainer import train_top_layers
@@ -213,21 +212,25 @@ def main() -> None:
     bf16 = auto_dtype(args.device) == "bfloat16"
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     if fresh:
-        # printed first, whatever happens to the schemes below on this device; cuDNN first,
-        # so that it meets every shape new (the other kernels keep no graphs)
+        # printed first, whatever happens to the schemes below on this device; every SDPA
+        # kernel first (cuDNN's among them on CUDA), so that cuDNN meets every shape new (the
+        # other kernels keep no graphs), then the update's own (attention_kernels.py)
         def updates() -> float:
             return sum(after(gigpo, model, b) for b in fresh)
 
         with autocast():
             after(gigpo, model, batch)  # warm-ups (kernels loaded, memory pooled) left out
+            own = attention_kernels.ATTENTION_BACKENDS.pop(device.type, None)
             with_s, seen_s = updates(), updates()
-            with sdpa_kernel(prefill.ATTENTION_BACKENDS["cuda"]):  # the prefill's kernels
-                without_s = updates()
+            if own is not None:
+                attention_kernels.ATTENTION_BACKENDS[device.type] = own
+            own_s = updates()
         fresh_tokens = sum(map(token_count, fresh))
         print(
             f"updates of {len(fresh)} fresh batches ({fresh_tokens} row tokens, bfloat16 "
-            f"autocast): SDPA's default kernels (cuDNN's among them on CUDA) {with_s:.2f}s, "
-            f"again (cuDNN's graphs built) {seen_s:.2f}s; without cuDNN {without_s:.2f}s",
+            f"autocast): every SDPA kernel (cuDNN's among them on CUDA) {with_s:.2f}s, again "
+            f"(cuDNN's graphs built) {seen_s:.2f}s; the update's own (without cuDNN on CUDA) "
+            f"{own_s:.2f}s",
             flush=True,
         )
     # the first wave's scheme reads its rows from the model's device

@@ -7,7 +7,12 @@ from tensordict import TensorDict, lazy_stack
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gigpo_torchrl.objectives import GIGPOLoss
-from gigpo_torchrl.policy import make_char_tokenizer, make_tiny_model, weight_copies
+from gigpo_torchrl.policy import (
+    attention_kernels,
+    make_char_tokenizer,
+    make_tiny_model,
+    weight_copies,
+)
 from gigpo_torchrl.policy.frozen_layers import frozen_depth, layer_range
 from gigpo_torchrl.policy.packing import encode_frozen, pack_rows, reply_log_probs
 from gigpo_torchrl.train.trainer import train_top_layers
@@ -141,6 +146,58 @@ def test_rows_outside_the_encoded_batch_are_refused(three_layers):
         reply_log_probs(model, packed, frozen=frozen)
     with pytest.raises(ValueError, match="depth=0"):
         encode_frozen(model, [data[0][0]], [data[0][1]], depth=0)
+
+
+def test_update_forwards_run_only_their_device_types_attention_kernels(three_layers, monkeypatch):
+    """CUDA's setting (every SDPA kernel but cuDNN's, as the prefill's), tried on the CPU: the
+    frozen encoding and the scoring forwards, from frozen states or from the tokens, call
+    every layer's attention with only those kernels enabled, restore the flags after, and
+    give the log-probs of SDPA's own choice; a kernel list the CPU cannot run is an error."""
+    tokenizer, model = three_layers
+    data = rows(tokenizer)
+    prompts, replies = [p for p, _ in data], [r for _, r in data]
+    want = reply_log_probs(model, pack_rows(prompts, replies))[0]
+    cuda = attention_kernels.ATTENTION_BACKENDS["cuda"]
+    assert torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in cuda
+    monkeypatch.setitem(attention_kernels.ATTENTION_BACKENDS, "cpu", cuda)
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append(
+            (
+                module.layer_idx,
+                torch.backends.cuda.cudnn_sdp_enabled(),
+                torch.backends.cuda.flash_sdp_enabled(),
+            )
+        )
+
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(record, with_kwargs=True)
+        for layer in model.get_decoder().layers
+    ]
+    try:
+        frozen = encode_frozen(model, prompts, replies, depth=2)
+        encoded, calls[:] = list(calls), []
+        from_states = reply_log_probs(
+            model, pack_rows(prompts, replies, index=frozen.index), frozen=frozen
+        )[0]
+        scored, calls[:] = list(calls), []
+        from_tokens = reply_log_probs(model, pack_rows(prompts, replies))[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert {i for i, *_ in encoded} == {0, 1} and {i for i, *_ in scored} == {2}
+    assert {i for i, *_ in calls} == {0, 1, 2}
+    assert {tuple(flags) for _, *flags in encoded + scored + calls} == {(False, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    torch.testing.assert_close(from_states, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_tokens, want, atol=1e-5, rtol=1e-5)
+    cudnn_only = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION]
+    monkeypatch.setitem(attention_kernels.ATTENTION_BACKENDS, "cpu", cudnn_only)
+    with pytest.raises(RuntimeError, match="kernel"):
+        reply_log_probs(model, pack_rows(prompts, replies))
+    with pytest.raises(RuntimeError, match="kernel"):
+        encode_frozen(model, prompts, replies, depth=2)
 
 
 def test_layer_range_restores_the_decoder_after_an_error(three_layers):

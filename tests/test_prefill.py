@@ -5,7 +5,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gigpo_torchrl.policy import prefill
+from gigpo_torchrl.policy import attention_kernels, prefill
 from gigpo_torchrl.policy.prefill import (
     PrefixNode,
     flatten,
@@ -244,8 +244,13 @@ def test_prefill_calls_run_only_their_device_types_attention_kernels(tiny, monke
     runs with only those kernels enabled, the flags are restored after, and the prompts are
     still as encoded alone."""
     tokenizer, model = tiny
-    assert torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in prefill.ATTENTION_BACKENDS["cuda"]
-    monkeypatch.setitem(prefill.ATTENTION_BACKENDS, "cpu", prefill.ATTENTION_BACKENDS["cuda"])
+    assert (
+        torch.nn.attention.SDPBackend.CUDNN_ATTENTION
+        not in attention_kernels.ATTENTION_BACKENDS["cuda"]
+    )
+    monkeypatch.setitem(
+        attention_kernels.ATTENTION_BACKENDS, "cpu", attention_kernels.ATTENTION_BACKENDS["cuda"]
+    )
     flags = []
 
     def record(module, args, kwargs):
@@ -270,7 +275,7 @@ def test_attention_kernels_unavailable_on_the_device_fail_loudly(tiny, monkeypat
     """The setting is applied, not advisory: a kernel list the CPU cannot run is an error."""
     tokenizer, model = tiny
     cudnn_only = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION]
-    monkeypatch.setitem(prefill.ATTENTION_BACKENDS, "cpu", cudnn_only)
+    monkeypatch.setitem(attention_kernels.ATTENTION_BACKENDS, "cpu", cudnn_only)
     with pytest.raises(RuntimeError, match="kernel"):
         prefill_prompts(
             model, nested_prompts(tokenizer), pad_id=tokenizer.pad_token_id, cache_keyword="cache"

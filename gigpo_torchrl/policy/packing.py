@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from gigpo_torchrl.policy import weight_copies
+from gigpo_torchrl.policy.attention_kernels import attention_kernels
 from gigpo_torchrl.policy.frozen_layers import FrozenStates, run_layers
 from gigpo_torchrl.policy.masks import check_window, for_attention
 
@@ -368,20 +369,23 @@ def reply_log_probs(
         "position_ids": packed.position_ids,
         "use_cache": False,
     }
-    if frozen is None:
-        hidden = weight_copies.call(
-            decoder,
-            weight_copies.frozen_within(kept, model, decoder),
-            input_ids=packed.input_ids,
-            **inputs,
-        ).last_hidden_state
-    else:
-        if packed.nodes is None:
-            raise ValueError("reply_log_probs with frozen states needs rows packed with its index")
-        states = frozen.hidden[packed.nodes.clamp_min(0)]  # padding reads node 0: never scored
-        hidden = run_layers(
-            model, kept, frozen.depth, None, final_norm=True, inputs_embeds=states, **inputs
-        )
+    if frozen is not None and packed.nodes is None:
+        raise ValueError("reply_log_probs with frozen states needs rows packed with its index")
+    # a batch's packed shapes are new to cuDNN's attention (policy/attention_kernels.py); the
+    # backward runs the kernels the forward picked
+    with attention_kernels(packed.input_ids.device.type):
+        if frozen is None:
+            hidden = weight_copies.call(
+                decoder,
+                weight_copies.frozen_within(kept, model, decoder),
+                input_ids=packed.input_ids,
+                **inputs,
+            ).last_hidden_state
+        else:
+            states = frozen.hidden[packed.nodes.clamp_min(0)]  # padding reads node 0: unscored
+            hidden = run_layers(
+                model, kept, frozen.depth, None, final_norm=True, inputs_embeds=states, **inputs
+            )
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.gather)
     logits = weight_copies.call(
         head, weight_copies.frozen_within(kept, model, head), input=selected
@@ -449,17 +453,18 @@ def encode_frozen(
             index=index,
         ).to(device)
         check_window(model.config, int(packed.position_ids.max()) + 1)
-        states = run_layers(
-            model,
-            kept,
-            0,
-            depth,
-            final_norm=False,
-            input_ids=packed.input_ids,
-            attention_mask=for_attention(model.config, packed.attention_mask),
-            position_ids=packed.position_ids,
-            use_cache=False,
-        )
+        with attention_kernels(device.type):
+            states = run_layers(
+                model,
+                kept,
+                0,
+                depth,
+                final_norm=False,
+                input_ids=packed.input_ids,
+                attention_mask=for_attention(model.config, packed.attention_mask),
+                position_ids=packed.position_ids,
+                use_cache=False,
+            )
         if hidden is None:
             hidden = states.new_zeros(len(index), states.shape[-1])
         real = packed.nodes >= 0

@@ -23,17 +23,16 @@ opening it shares with one of them instead of encoding it again (:func:`reuse`).
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from gigpo_torchrl.policy import weight_copies
+from gigpo_torchrl.policy.attention_kernels import attention_kernels
 from gigpo_torchrl.policy.decoding import GrowingKV
 from gigpo_torchrl.policy.masks import for_attention
 from gigpo_torchrl.policy.prefix_cache import KeptPrompts, PrefixCache
@@ -333,16 +332,9 @@ MAX_LEVELS: dict[str, int | None] = {"cpu": None}
 # keyed on the exact batch size, query length and key length, and every prefill of a fresh
 # batch meets new shapes; cuDNN's attention took 1.6 ms of host time per layer and call
 # there (profiled on an H200). Padded, the shapes recur between turns and batches; off,
-# since leaving cuDNN out (below) did better on fresh batches (benchmarks/bench_rollout.py's
-# fresh-batch line).
+# since leaving cuDNN out (policy/attention_kernels.py) did better on fresh batches
+# (benchmarks/bench_rollout.py's fresh-batch line).
 PAD_SHAPES: dict[str, tuple[int, int]] = {}
-# The SDPA kernels a prefill call may use, by device type (all where absent). On CUDA,
-# every kernel but cuDNN's, whose graph for each new shape cost host time on every fresh
-# batch: the prefills of 3 fresh Sokoban batches took 3.14 and 2.84 s without it against
-# 4.28 and 5.99 s with it (2.75 and 3.57 s with its graphs built), in two H200 runs.
-ATTENTION_BACKENDS: dict[str, list[SDPBackend]] = {
-    "cuda": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-}
 
 
 # A call that continues cached rows writes its keys and values into the gathered rows, in
@@ -351,12 +343,6 @@ ATTENTION_BACKENDS: dict[str, list[SDPBackend]] = {
 # then go through a transformers ``DynamicCache``, which copies them at its construction and
 # again, concatenating, in every layer's forward.
 IN_PLACE = True
-
-
-def _attention_kernels(device_type: str):
-    """A context limiting SDPA to :data:`ATTENTION_BACKENDS`' kernels for ``device_type``."""
-    backends = ATTENTION_BACKENDS.get(device_type)
-    return sdpa_kernel(backends) if backends else contextlib.nullcontext()
 
 
 class _Encoded:
@@ -492,7 +478,7 @@ def prefill_prompts(
                 rows = [(k[..., :width, :], v[..., :width, :]) for k, v in zip(*past, strict=True)]
                 cache = DynamicCache(ddp_cache_data=rows, config=model.config)
                 attention_mask = mask
-        with _attention_kernels(device.type):
+        with attention_kernels(device.type):
             out = weight_copies.call(
                 model,
                 weights,
