@@ -866,8 +866,8 @@ def headline_rounds(rounds: int, policy, lock_step, sampler_rows, lines) -> tupl
     """Lock-step ``generate`` and the default sampler (and the compiled one, if timed above)
     again in ``rounds`` rounds taking turns: ``(lock-step, sampler)`` median seconds, the
     compiled row's seconds replaced by its median, and a line with every round's time.
-    Lock-step is host-bound: on one H200 it took 8.6 s in one run and 15.5 s in the next,
-    which moved the headline ratio more than any part of the sampler did."""
+    Lock-step is host-bound: on lent H200s it took 15.5, 8.6 and 5.6 s in three runs (the
+    sampler 1.5-1.7 s), which moved the headline ratio more than any part of the sampler did."""
 
     def sampler(compiled: bool) -> float:
         default = policy.sampling
