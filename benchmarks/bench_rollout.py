@@ -147,6 +147,19 @@ def cached_sampling(policy, prompt_batches, action_batches) -> tuple[int, float,
     return tokens, time.perf_counter() - start, lengths
 
 
+def sampling_with(policy: RecordingPolicy, **settings) -> tuple[int, float]:
+    """``(tokens, seconds)`` of :func:`cached_sampling` over the recorded prompt batches, seed
+    0, with the policy's sampling settings changed by ``settings`` for the call only."""
+    default = policy.sampling
+    policy.sampling = dataclasses.replace(default, **settings)
+    torch.manual_seed(0)
+    try:
+        tokens, seconds, _ = cached_sampling(policy, policy.prompt_batches, policy.action_batches)
+    finally:
+        policy.sampling = default
+    return tokens, seconds
+
+
 def fresh_batches(collector: GroupCollector, policy: RecordingPolicy, count: int) -> list:
     """The prompt batches of ``count`` more collector batches (new tasks, so prompt shapes
     not seen yet), per batch its turns' prompt batches; left out of the policy's record."""
@@ -597,12 +610,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
 
     # the sampler with one of its parts taken away: what that part saves
     def variant(label, **settings):
-        default = policy.sampling
-        policy.sampling = dataclasses.replace(default, **settings)
-        torch.manual_seed(0)
-        tokens, seconds, _ = cached_sampling(policy, policy.prompt_batches, policy.action_batches)
-        policy.sampling = default
-        sampler_rows.append((label, tokens, seconds))
+        sampler_rows.append((label, *sampling_with(policy, **settings)))
 
     shared_run = prefill.MIN_SHARED_RUN
     prefill.MIN_SHARED_RUN = 1 << 30  # every run folded: each distinct prompt encoded whole
@@ -622,10 +630,7 @@ def run(args, name, model, tokenizer, precision: str) -> None:
         for _ in range(ROUNDS):
             for on in (True, False):
                 switch(on)
-                torch.manual_seed(0)
-                rounds[on].append(
-                    cached_sampling(policy, policy.prompt_batches, policy.action_batches)[1]
-                )
+                rounds[on].append(sampling_with(policy)[1])
         switch(True)
         with_s, without_s = (float(np.median(rounds[k])) for k in (True, False))
         extra_lines.append(
@@ -868,19 +873,13 @@ def headline_rounds(rounds: int, policy, lock_step, sampler_rows, lines) -> tupl
     compiled row's seconds replaced by its median, and a line with every round's time.
     Lock-step is host-bound: on lent H200s it took 15.5, 8.6 and 5.6 s in three runs (the
     sampler 1.5-1.7 s), which moved the headline ratio more than any part of the sampler did."""
-
-    def sampler(compiled: bool) -> float:
-        default = policy.sampling
-        policy.sampling = dataclasses.replace(default, compile_decode=compiled)
-        torch.manual_seed(0)
-        seconds = cached_sampling(policy, policy.prompt_batches, policy.action_batches)[1]
-        policy.sampling = default
-        return seconds
-
-    contenders = {"lock-step": lambda: lock_step()[1], "sample_replies": lambda: sampler(False)}
+    contenders = {
+        "lock-step": lambda: lock_step()[1],
+        "sample_replies": lambda: sampling_with(policy)[1],
+    }
     compiled = [i for i, row in enumerate(sampler_rows) if row[0] == COMPILED]
     if compiled:
-        contenders["compiled"] = lambda: sampler(True)
+        contenders["compiled"] = lambda: sampling_with(policy, compile_decode=True)[1]
     times = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, seconds in contenders.items():
